@@ -1,0 +1,73 @@
+"""From a :class:`Config` to the objects the trainer takes: data, model, loss, optimizer.
+
+A user who outgrows configs can skip this module and build the same objects by hand
+(see README, "Python API").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import data as data_mod
+from .config import Config
+from .data import Dataset
+from .errors import UserError
+from .nn import ACTIVATIONS, LOSSES, Dense, Loss, Sequential
+from .optim import OPTIMIZERS
+
+_MODEL_INIT_STREAM = 10
+
+
+def load_dataset(config: Config, path: str | None = None) -> Dataset:
+    """The whole dataset named by ``config.data`` (float64 features), before the split."""
+    d = config.data
+    if d.name == "digits":
+        return data_mod.load_digits()
+    if d.name == "synthetic":
+        return data_mod.make_synthetic(d.n_samples, d.n_features, d.n_classes, config.seed)
+    return data_mod.load_npz(path or d.path)
+
+
+def train_val_split(config: Config, dataset: Dataset) -> tuple[Dataset, Dataset]:
+    """The deterministic split of ``dataset``, cast to the run's dtype."""
+    train_idx, val_idx = data_mod.split_train_val(len(dataset), config.data.val_fraction, config.seed)
+    if len(train_idx) == 0:
+        raise UserError(f"data {dataset.source}: no training samples left after data.val_fraction = "
+                        f"{config.data.val_fraction}")
+    dtype = np.dtype(config.train.dtype)
+    return dataset.subset(train_idx).astype(dtype), dataset.subset(val_idx).astype(dtype)
+
+
+def build_loss(config: Config, dataset: Dataset) -> Loss:
+    loss = LOSSES[config.train.loss]()
+    if loss.task != dataset.task:
+        kind = "integer class labels" if loss.task == "classification" else "float regression targets"
+        raise UserError(f"train.loss = {config.train.loss!r} needs {kind}, but data {dataset.source} has "
+                        f"{'class labels' if dataset.task == 'classification' else 'float targets'}")
+    return loss
+
+
+def build_model(config: Config, n_features: int, n_outputs: int, init: bool = True) -> Sequential:
+    """MLP: Dense(h) + activation for each width in model.hidden, then Dense(n_outputs).
+
+    Hidden layers use He initialisation after ReLU and Xavier otherwise; the output layer Xavier.
+    Parameters are drawn from a Generator seeded by ``config.seed`` (the trainer still broadcasts
+    rank 0's so every rank starts from the same weights whatever its NumPy).
+    """
+    activation = ACTIVATIONS[config.model.activation]
+    init_name = "he" if config.model.activation == "relu" else "xavier"
+    layers = []
+    for width in config.model.hidden:
+        layers += [Dense(width, init=init_name), activation()]
+    layers.append(Dense(n_outputs, init="xavier"))
+    model = Sequential(layers, n_features, dtype=np.dtype(config.train.dtype))
+    if init:
+        model.init_params(np.random.default_rng([config.seed, _MODEL_INIT_STREAM]))
+    return model
+
+
+def build_optimizer(config: Config, model: Sequential):
+    o = config.optim
+    cls = OPTIMIZERS[o.name]
+    return cls(model.param_buffer, model.grad_buffer, lr=o.lr, momentum=o.momentum,
+               nesterov=o.nesterov, weight_decay=o.weight_decay)

@@ -1,0 +1,238 @@
+"""The ``dptrain`` command: parse, load the config, call the API. No training logic here.
+
+    dptrain                                   # train the built-in default, single process
+    mpirun -n 4 dptrain                       # the same job on 4 ranks
+    dptrain launch -n 2 --config configs/digits_mlp.toml --out runs/d1
+    dptrain eval --checkpoint runs/d1/checkpoints/latest --json
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .build import build_loss, build_model, build_optimizer, load_dataset, train_val_split
+from .checkpoint import load_checkpoint, step_dirs
+from .comm import make_comm
+from .config import config_from_dict, load_config
+from .errors import ExitQuietly, UserError
+from .launcher import build_command, find_mpiexec, limit_threads_in_process, thread_environment
+from .trainer import CheckpointPolicy, Trainer, evaluate
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _common_options(fn):
+    fn = click.option("--debug", is_flag=True, help="Show the full traceback of an error.")(fn)
+    fn = click.option("--comm", "comm_kind", type=click.Choice(["auto", "mpi", "single"]), default="auto",
+                      show_default=True, help="Communicator: MPI when started by mpirun/mpiexec/srun (auto), "
+                      "or forced.")(fn)
+    return fn
+
+
+def _reports_errors(fn):
+    """Turn UserError into one line on stderr and exit status 2 (the traceback with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            if kwargs.get("debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except ExitQuietly as exc:
+            sys.exit(exc.code)
+
+    return wrapper
+
+
+def _train_options(fn):
+    fn = click.option("--overwrite", is_flag=True,
+                      help="Train into an --out folder that already holds checkpoints (they are deleted).")(fn)
+    fn = click.option("--out", type=click.Path(file_okay=False), default=None,
+                      help="Run folder for checkpoints and the resolved config [default: runs/<date-time>].")(fn)
+    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                      help="Override a config key, e.g. --set train.epochs=5 (repeatable).")(fn)
+    fn = click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+                      help="TOML config file [default: the built-in digits MLP].")(fn)
+    return fn
+
+
+@click.group(invoke_without_command=True, context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="dptrain")
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """dptrain: data-parallel neural-network training with NumPy over MPI.
+
+    With no command, trains the built-in default (an MLP on the digits data), like `dptrain train`.
+    """
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(train)
+
+
+def _default_out_dir() -> Path:
+    base = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    out, i = base, 1
+    while out.exists():
+        i += 1
+        out = base.with_name(f"{base.name}-{i}")
+    return out
+
+
+def _prepare_out_dir(out: str | None, overwrite: bool) -> Path:
+    """Rank 0 only: choose the run folder and refuse to train over an earlier run's checkpoints."""
+    path = Path(out) if out else _default_out_dir()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path}: exists and is not a folder")
+    if step_dirs(path / "checkpoints") and not overwrite:
+        raise UserError(f"--out {path}: already holds checkpoints of an earlier run; choose another folder "
+                        f"or pass --overwrite")
+    return path
+
+
+@main.command(context_settings=CONTEXT)
+@_train_options
+@_common_options
+@_reports_errors
+def train(config_path, overrides, out, overwrite, comm_kind="auto", debug=False):
+    """Train a model, on one process or on every rank of an MPI job."""
+    comm = make_comm(comm_kind)
+    with comm.fail_fast():
+        _train(comm, config_path, overrides, out, overwrite)
+
+
+def _train(comm, config_path, overrides, out, overwrite) -> None:
+    if comm.is_mpi:
+        limit_threads_in_process(comm.local_size)
+    error, out_dir = None, None
+    try:  # set-up: every rank checks its own input, then all agree before any training collective
+        config = load_config(config_path, overrides)
+        dataset = load_dataset(config)
+        train_set, val_set = train_val_split(config, dataset)
+        if len(train_set) < comm.size:
+            raise UserError(f"data {dataset.source}: {len(train_set)} training samples for {comm.size} ranks; "
+                            f"need at least one per rank")
+        loss = build_loss(config, dataset)
+        model = build_model(config, dataset.n_features, dataset.n_outputs)
+        optimizer = build_optimizer(config, model)
+        if comm.rank == 0:
+            out_dir = _prepare_out_dir(out, overwrite)
+    except UserError as exc:
+        error = exc
+    comm.raise_if_any_failed(error)
+    out_dir = Path(comm.broadcast_text(str(out_dir) if comm.rank == 0 else ""))
+
+    if comm.rank == 0:
+        if overwrite and (out_dir / "checkpoints").is_dir():
+            import shutil
+
+            shutil.rmtree(out_dir / "checkpoints")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.toml").write_text(config.to_toml())
+        click.echo(f"dptrain {__version__}: {comm.size} rank{'s' if comm.size > 1 else ''} ({comm.library}), "
+                   f"{len(train_set)} training / {len(val_set)} validation samples, {model.n_params:,} parameters, "
+                   f"run folder {out_dir}")
+        click.echo("resolved config:\n" + "\n".join("  " + line for line in config.to_toml().strip().splitlines()))
+
+    c = config.checkpoint
+    trainer = Trainer(model, loss, optimizer, train_set, val_set, batch_size=config.train.batch_size,
+                      epochs=config.train.epochs, seed=config.seed, shuffle=config.data.shuffle, comm=comm,
+                      out_dir=out_dir, checkpoint=CheckpointPolicy(c.every_steps, c.every_epochs, c.keep),
+                      config=config.to_dict(), log=click.echo)
+    t0 = time.perf_counter()
+    history = trainer.fit()
+    if comm.rank == 0:
+        last = history[-1]
+        summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("val_loss", "val_accuracy", "val_rmse") if k in last)
+        click.echo(f"done in {time.perf_counter() - t0:.1f} s: {summary or 'train_loss %.4f' % last['train_loss']}; "
+                   f"checkpoint {trainer.last_checkpoint}")
+
+
+@main.command("eval", context_settings=CONTEXT)
+@click.option("--checkpoint", "checkpoint_path", required=True, type=click.Path(),
+              help="A checkpoint folder (e.g. runs/d1/checkpoints/latest), or a run folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a line of text.")
+@_common_options
+@_reports_errors
+def eval_command(checkpoint_path, as_json, comm_kind="auto", debug=False):
+    """Evaluate a checkpoint's model on its config's validation split."""
+    comm = make_comm(comm_kind)
+    with comm.fail_fast():
+        error = None
+        try:
+            ckpt = load_checkpoint(checkpoint_path)
+            config = config_from_dict(ckpt.meta.get("config", {}), f"checkpoint {ckpt.path / 'meta.json'}")
+            dataset = load_dataset(config)
+            _, val_set = train_val_split(config, dataset)
+            if len(val_set) == 0:
+                raise UserError(f"checkpoint {ckpt.path}: its config has data.val_fraction = 0, no validation split")
+            loss = build_loss(config, dataset)
+            model = build_model(config, dataset.n_features, dataset.n_outputs, init=False)
+            try:
+                model.load_params(ckpt.model)
+            except ValueError as exc:
+                raise UserError(f"checkpoint {ckpt.path / 'model.npz'}: {exc}") from None
+        except UserError as exc:
+            error = exc
+        comm.raise_if_any_failed(error)
+        result = evaluate(model, loss, val_set, comm)
+        result.update(checkpoint=str(ckpt.path), step=ckpt.meta.get("step"))
+        if comm.rank == 0:
+            if as_json:
+                click.echo(json.dumps(result))
+            else:
+                metric = f"accuracy {result['accuracy']:.4f}" if "accuracy" in result else f"rmse {result['rmse']:.4f}"
+                click.echo(f"loss {result['loss']:.4f}  {metric}  n_samples {result['n_samples']}  "
+                           f"(checkpoint {result['checkpoint']}, step {result['step']})")
+
+
+@main.command(context_settings=dict(CONTEXT, ignore_unknown_options=True))
+@click.option("-n", "--ranks", "n_ranks", type=int, required=True, help="Number of MPI ranks.")
+@click.option("--mpirun", default=None, metavar="PATH",
+              help="mpiexec/mpirun to use [default: $DPTRAIN_MPIRUN, the one next to this Python, or PATH].")
+@click.option("--dry-run", is_flag=True, help="Print the command instead of running it.")
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+@click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
+@_reports_errors
+def launch(n_ranks, mpirun, dry_run, train_args, debug=False):
+    """Run `dptrain train TRAIN_ARGS` on N ranks with mpiexec (no shell involved).
+
+    Sets BLAS/OpenMP threads per rank to max(1, cores / N) unless you set OMP_NUM_THREADS or
+    similar. Example: dptrain launch -n 2 --config configs/digits_mlp.toml --out runs/d1
+    """
+    # Check the train options and the config here, before starting N processes.
+    try:
+        sub = train.make_context("train", list(train_args))
+    except click.UsageError as exc:
+        raise UserError(f"train options: {exc.format_message()}") from None
+    load_config(sub.params["config_path"], sub.params["overrides"])
+
+    argv = build_command(find_mpiexec(mpirun), n_ranks, list(train_args))
+    extra_env = thread_environment(n_ranks)
+    if dry_run:
+        click.echo(" ".join([*(f"{k}={v}" for k, v in extra_env.items()), shlex.join(argv)]))
+        return
+    proc = subprocess.Popen(argv, env={**os.environ, **extra_env})
+
+    def forward(signum, _frame):  # pass preemption signals on to mpiexec, which relays them to the ranks
+        proc.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, forward)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:  # mpiexec got the same SIGINT from the terminal
+        code = proc.wait()
+    sys.exit(code if code >= 0 else 128 - code)

@@ -1,0 +1,170 @@
+"""Communicators: the only module that imports mpi4py.
+
+Two implementations share one small interface:
+
+* :class:`SingleProcessComm` (rank 0 of 1) never imports mpi4py, so dptrain runs on a laptop
+  or in tests with no MPI installed;
+* :class:`MPIComm` wraps ``MPI.COMM_WORLD`` with the buffer (uppercase) API: no pickling.
+
+:func:`make_comm` chooses: MPI when the process was started by mpirun/mpiexec/srun, single-process
+otherwise, unless forced with ``kind="mpi"`` or ``kind="single"`` (or ``DPTRAIN_COMM``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import traceback
+from typing import Iterator
+
+import numpy as np
+
+from .errors import ExitQuietly, UserError
+
+# Variables that process managers set in every rank they start.
+_LAUNCHER_VARIABLES = (
+    "PMI_RANK", "PMI_SIZE", "PMIX_RANK",  # MPICH (Hydra), Intel MPI, PMIx-based launchers
+    "OMPI_COMM_WORLD_SIZE",  # Open MPI
+    "MV2_COMM_WORLD_SIZE",  # MVAPICH
+)
+
+
+def launched_by_mpi(environ: dict[str, str] | None = None) -> bool:
+    """True if an MPI process manager (mpirun, mpiexec, srun) started this process."""
+    env = os.environ if environ is None else environ
+    if any(v in env for v in _LAUNCHER_VARIABLES):
+        return True
+    # srun sets a numeric step id in each task; the batch script itself has no step id.
+    return env.get("SLURM_STEP_ID", "").isdigit() and "SLURM_PROCID" in env
+
+
+class SingleProcessComm:
+    """Rank 0 of a world of 1. Every collective is the identity."""
+
+    rank = 0
+    size = 1
+    local_size = 1
+    is_mpi = False
+    library = "none (single process)"
+
+    def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
+        """Sum ``buf`` over all ranks, in place; returns buf."""
+        return buf
+
+    def broadcast(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
+        """Overwrite ``buf`` on every rank with root's, in place; returns buf."""
+        return buf
+
+    def broadcast_text(self, text: str, root: int = 0) -> str:
+        return text
+
+    def barrier(self) -> None:
+        pass
+
+    def abort(self, code: int = 1) -> None:
+        raise SystemExit(code)
+
+    def raise_if_any_failed(self, error: BaseException | None) -> None:
+        _raise_if_any_failed(self, error)
+
+    @contextlib.contextmanager
+    def fail_fast(self) -> Iterator[None]:
+        yield
+
+
+class MPIComm:
+    """MPI.COMM_WORLD through the buffer API."""
+
+    is_mpi = True
+
+    def __init__(self) -> None:
+        from mpi4py import MPI
+
+        self._MPI = MPI
+        self.comm = MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.local_size = node.Get_size()
+        node.Free()
+        self.library = MPI.Get_library_version().splitlines()[0].strip()
+
+    def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
+        self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+        return buf
+
+    def broadcast(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
+        self.comm.Bcast(buf, root=root)
+        return buf
+
+    def broadcast_text(self, text: str, root: int = 0) -> str:
+        data = np.frombuffer(text.encode(), dtype=np.uint8) if self.rank == root else None
+        n = np.array([0 if data is None else data.size], dtype=np.int64)
+        self.comm.Bcast(n, root=root)
+        buf = data.copy() if data is not None else np.empty(int(n[0]), dtype=np.uint8)
+        self.comm.Bcast(buf, root=root)
+        return buf.tobytes().decode()
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def abort(self, code: int = 1) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.comm.Abort(code)
+
+    def raise_if_any_failed(self, error: BaseException | None) -> None:
+        _raise_if_any_failed(self, error)
+
+    @contextlib.contextmanager
+    def fail_fast(self) -> Iterator[None]:
+        """End the whole job (MPI_Abort) if this rank raises, so no other rank waits forever.
+
+        The failing rank's traceback goes to stderr first, prefixed with its rank. ``ExitQuietly``
+        and ``SystemExit`` pass through: they are raised in step by every rank.
+        """
+        try:
+            yield
+        except (ExitQuietly, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - any escape would hang the other ranks
+            code = exc.exit_code if isinstance(exc, UserError) else 1
+            if isinstance(exc, UserError):
+                lines = [f"error: {exc}\n"]
+            else:
+                lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
+            text = "".join(f"[rank {self.rank}] {line}" for line in "".join(lines).splitlines(True))
+            sys.stderr.write(text)
+            sys.stderr.write(f"[rank {self.rank}] aborting all {self.size} ranks\n")
+            self.abort(code)
+
+
+def _raise_if_any_failed(comm, error: BaseException | None) -> None:
+    """Collective: every rank calls it with its own error (or None) after a set-up phase.
+
+    If no rank failed, return. Otherwise every rank exits with status 2: rank 0 prints its
+    message; another failing rank prints its own only if it differs from rank 0's, so one bad
+    config gives one line, and a bad file on one node names that rank.
+    """
+    failed = comm.allreduce_sum(np.array([0 if error is None else 1], dtype=np.int64))
+    if failed[0] == 0:
+        return
+    root_message = comm.broadcast_text(str(error) if (comm.rank == 0 and error is not None) else "")
+    if error is not None and (comm.rank == 0 or str(error) != root_message):
+        prefix = f"error (rank {comm.rank}): " if comm.size > 1 and comm.rank != 0 else "error: "
+        print(prefix + str(error), file=sys.stderr, flush=True)
+    raise ExitQuietly(2)
+
+
+def make_comm(kind: str | None = None):
+    """Return a communicator. kind: "auto" (default), "mpi" or "single"."""
+    kind = kind or os.environ.get("DPTRAIN_COMM", "auto")
+    if kind not in ("auto", "mpi", "single"):
+        raise UserError(f"unknown communicator {kind!r}: expected auto, mpi or single")
+    if kind == "single" or (kind == "auto" and not launched_by_mpi()):
+        return SingleProcessComm()
+    try:
+        return MPIComm()
+    except ImportError as exc:
+        raise UserError(f"MPI requested but mpi4py cannot be loaded ({exc}); install dptrain[mpi] or your site's MPI") from exc

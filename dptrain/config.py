@@ -1,0 +1,274 @@
+"""Typed configuration: frozen dataclasses loaded from TOML, with ``--set key=value`` overrides.
+
+Unknown keys, wrong types and out-of-range values are refused with a :class:`UserError` that
+names the file and the key. The defaults are the built-in job (an MLP on scikit-learn's digits),
+the same as ``configs/digits_mlp.toml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .errors import UserError
+
+DATASETS = ("digits", "synthetic", "npz")
+ACTIVATION_NAMES = ("relu", "tanh", "sigmoid")
+LOSS_NAMES = ("cross_entropy", "mse")
+OPTIMIZER_NAMES = ("sgd",)
+DTYPES = ("float32", "float64")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "digits"  # digits | synthetic | npz
+    path: str = ""  # the .npz file, for name = "npz"
+    val_fraction: float = 0.2  # share of samples held out for validation, in [0, 1)
+    shuffle: bool = True  # a new global order each epoch
+    n_samples: int = 2000  # synthetic only
+    n_features: int = 20  # synthetic only
+    n_classes: int = 4  # synthetic only
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden: tuple[int, ...] = (128,)  # widths of the hidden Dense layers
+    activation: str = "relu"  # relu | tanh | sigmoid
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 64  # the GLOBAL batch, across all ranks
+    dtype: str = "float32"  # float32 | float64, for the whole run
+    loss: str = "cross_entropy"  # cross_entropy (integer labels) | mse (float targets)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 0  # 0 = off
+    every_epochs: int = 10  # 0 = off; a checkpoint is always written at the end
+    keep: int = 3  # newest checkpoints kept; older ones are pruned
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def to_toml(self) -> str:
+        return to_toml(self.to_dict())
+
+
+def _to_plain(obj: Any) -> Any:
+    if is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def to_toml(tree: dict[str, Any]) -> str:
+    """Write a two-level config tree (scalars, lists and tables of those) as TOML."""
+    scalars = [f"{k} = {_toml_value(v)}" for k, v in tree.items() if not isinstance(v, dict)]
+    tables = [f"\n[{k}]\n" + "\n".join(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items())
+              for k, v in tree.items() if isinstance(v, dict)]
+    return "\n".join(scalars) + "\n" + "\n".join(tables) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building from plain data, with errors that name the key
+
+def _describe_type(tp: Any) -> str:
+    if get_origin(tp) is tuple:
+        return f"a list of {_describe_type(get_args(tp)[0])}s"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    bad = UserError(f"{where}: {key} must be {_describe_type(tp)}, got {value!r}")
+    if get_origin(tp) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (item_type, _) = get_args(tp)
+        return tuple(_coerce(v, item_type, f"{key}[{i}]", where) for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(tp)  # pragma: no cover - a dataclass field of an unsupported type
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: {prefix.rstrip('.') or 'config'} must be a table, got {data!r}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        raise UserError(f"{where}: unknown key {prefix}{unknown[0]} (known keys: "
+                        f"{', '.join(prefix + k for k in sorted(known))})")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.", where)
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name, where)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=0.1"`` -> (["train", "lr"], 0.1). The value is read as TOML, else as a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"--set {text!r}: expected KEY=VALUE, e.g. train.epochs=5")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def load_config(path: str | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """The default config, updated by the TOML file at ``path``, then by ``--set`` overrides."""
+    tree: dict[str, Any] = {}
+    where = "config"
+    if path is not None:
+        where = f"config {path}"
+        try:
+            with open(path, "rb") as fh:
+                tree = tomllib.load(fh)
+        except FileNotFoundError:
+            raise UserError(f"config {path}: not found") from None
+        except OSError as exc:
+            raise UserError(f"config {path}: cannot be read ({exc.strerror})") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"config {path}: not valid TOML ({exc})") from None
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = tree
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {text}: {k} is not a table")
+        node[keys[-1]] = value
+    config = _build(Config, tree, "", where if not overrides else f"{where} (with --set)")
+    validate(config, where)
+    return config
+
+
+def config_from_dict(tree: dict[str, Any], where: str = "config") -> Config:
+    """Rebuild a config from ``Config.to_dict()`` output (e.g. a checkpoint's meta.json)."""
+    config = _build(Config, tree, "", where)
+    validate(config, where)
+    return config
+
+
+def validate(config: Config, where: str = "config") -> None:
+    """Refuse out-of-range values, naming the key."""
+
+    def fail(key: str, message: str) -> None:
+        raise UserError(f"{where}: {key} {message}")
+
+    def choose(key: str, value: str, choices: tuple[str, ...]) -> None:
+        if value not in choices:
+            fail(key, f"is {value!r}; expected one of {', '.join(choices)}")
+
+    d, m, t, o, c = config.data, config.model, config.train, config.optim, config.checkpoint
+    if config.seed < 0:
+        fail("seed", f"must be >= 0, got {config.seed}")
+    choose("data.name", d.name, DATASETS)
+    if d.name == "npz" and not d.path:
+        fail("data.path", "must name an .npz file when data.name = \"npz\"")
+    if not 0 <= d.val_fraction < 1:
+        fail("data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
+    if d.name == "synthetic":
+        if d.n_samples < 2:
+            fail("data.n_samples", f"must be >= 2, got {d.n_samples}")
+        if d.n_features < 1:
+            fail("data.n_features", f"must be >= 1, got {d.n_features}")
+        if d.n_classes < 2:
+            fail("data.n_classes", f"must be >= 2, got {d.n_classes}")
+    for i, width in enumerate(m.hidden):
+        if width < 1:
+            fail(f"model.hidden[{i}]", f"must be >= 1, got {width}")
+    choose("model.activation", m.activation, ACTIVATION_NAMES)
+    if t.epochs < 1:
+        fail("train.epochs", f"must be >= 1, got {t.epochs}")
+    if t.batch_size < 1:
+        fail("train.batch_size", f"must be >= 1, got {t.batch_size}")
+    choose("train.dtype", t.dtype, DTYPES)
+    choose("train.loss", t.loss, LOSS_NAMES)
+    choose("optim.name", o.name, OPTIMIZER_NAMES)
+    if not (o.lr > 0 and math.isfinite(o.lr)):
+        fail("optim.lr", f"must be > 0, got {o.lr}")
+    if not 0 <= o.momentum < 1:
+        fail("optim.momentum", f"must be in [0, 1), got {o.momentum}")
+    if o.nesterov and o.momentum == 0:
+        fail("optim.nesterov", "needs optim.momentum > 0")
+    if not (o.weight_decay >= 0 and math.isfinite(o.weight_decay)):
+        fail("optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    if c.every_steps < 0:
+        fail("checkpoint.every_steps", f"must be >= 0, got {c.every_steps}")
+    if c.every_epochs < 0:
+        fail("checkpoint.every_epochs", f"must be >= 0, got {c.every_epochs}")
+    if c.keep < 1:
+        fail("checkpoint.keep", f"must be >= 1, got {c.keep}")
+
+
+def replace(config: Config, **sections: Any) -> Config:
+    """``dataclasses.replace`` for nested sections: replace(cfg, train={"epochs": 2})."""
+    changes = {k: dataclasses.replace(getattr(config, k), **v) if isinstance(v, dict) else v
+               for k, v in sections.items()}
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,128 @@
+"""Sequential model over two flat contiguous buffers.
+
+All parameters are views into ``model.param_buffer`` and all gradients are views into
+``model.grad_buffer`` (both of shape ``(n_params,)``), in layer order. The gradient exchange is
+therefore one call over one array, and the optimizer updates one array in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import accumulate
+
+import numpy as np
+
+from .layers import Layer
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Where one parameter lives in the flat buffers."""
+
+    name: str  # e.g. "layers.0.weight"
+    layer_index: int
+    key: str  # the layer's own name for it, e.g. "weight"
+    shape: tuple[int, ...]
+    offset: int
+    size: int
+
+
+class Sequential:
+    """A stack of layers applied in order.
+
+    Parameters
+    ----------
+    layers : the layers, applied first to last.
+    in_features : number of input columns D; inputs are arrays of shape (batch, D).
+    dtype : float32 or float64; parameters, gradients and activations all use it.
+    """
+
+    def __init__(self, layers: list[Layer], in_features: int, dtype=np.float32) -> None:
+        self.layers = list(layers)
+        self.in_features = int(in_features)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+
+        specs: list[tuple[str, int, str, tuple[int, ...]]] = []
+        width = self.in_features
+        for i, layer in enumerate(self.layers):
+            for key, shape in layer.param_shapes(width).items():
+                specs.append((f"layers.{i}.{key}", i, key, tuple(int(s) for s in shape)))
+            width = layer.output_features(width)
+        self.out_features = width
+
+        sizes = [int(np.prod(shape)) for *_, shape in specs]
+        offsets = [0, *accumulate(sizes)]
+        self.n_params = offsets[-1]
+        self.param_buffer = np.zeros(self.n_params, dtype=self.dtype)
+        self.grad_buffer = np.zeros(self.n_params, dtype=self.dtype)
+        self.param_specs = [
+            ParamSpec(name, i, key, shape, off, size)
+            for (name, i, key, shape), off, size in zip(specs, offsets, sizes)
+        ]
+        for spec in self.param_specs:
+            layer = self.layers[spec.layer_index]
+            layer.params[spec.key] = self._view(self.param_buffer, spec)
+            layer.grads[spec.key] = self._view(self.grad_buffer, spec)
+
+    @staticmethod
+    def _view(buffer: np.ndarray, spec: ParamSpec) -> np.ndarray:
+        return buffer[spec.offset : spec.offset + spec.size].reshape(spec.shape)
+
+    def init_params(self, rng: np.random.Generator) -> None:
+        """Initialise every layer's parameters in place, in layer order, from ``rng``."""
+        for layer in self.layers:
+            layer.init_params(rng)
+
+    def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
+        """x : (batch, in_features) -> output (batch, out_features)."""
+        for layer in self.layers:
+            x = layer.forward(x, train)
+        return x
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        """dy : (batch, out_features), the gradient of the loss SUM; overwrites grad_buffer."""
+        for layer in reversed(self.layers):
+            dy = layer.backward(dy)
+        return dy
+
+    def named_params(self) -> dict[str, np.ndarray]:
+        """name -> view of the parameter, e.g. {"layers.0.weight": (in, out) array, ...}."""
+        return {s.name: self._view(self.param_buffer, s) for s in self.param_specs}
+
+    def named_grads(self) -> dict[str, np.ndarray]:
+        return {s.name: self._view(self.grad_buffer, s) for s in self.param_specs}
+
+    def load_params(self, arrays: dict[str, np.ndarray]) -> None:
+        """Copy arrays into the parameters; names and shapes must match exactly."""
+        expected = {s.name: s.shape for s in self.param_specs}
+        given = {k: tuple(v.shape) for k, v in arrays.items()}
+        if expected != given:
+            raise ValueError(describe_mismatch(expected, given))
+        for name, view in self.named_params().items():
+            view[...] = arrays[name]
+
+    def summary(self) -> list[tuple[str, int, int]]:
+        """One (description, output width, parameter count) per layer."""
+        rows, width = [], self.in_features
+        for i, layer in enumerate(self.layers):
+            width = layer.output_features(width)
+            count = sum(s.size for s in self.param_specs if s.layer_index == i)
+            rows.append((layer.describe(), width, count))
+        return rows
+
+
+def describe_mismatch(expected: dict[str, tuple], given: dict[str, tuple]) -> str:
+    """A one-line account of how two {name: shape} maps differ."""
+    missing = [n for n in expected if n not in given]
+    extra = [n for n in given if n not in expected]
+    shapes = [f"{n} {given[n]} vs {expected[n]}" for n in expected if n in given and given[n] != expected[n]]
+    parts = []
+    if missing:
+        parts.append("missing " + ", ".join(missing))
+    if extra:
+        parts.append("unexpected " + ", ".join(extra))
+    if shapes:
+        parts.append("shape " + "; ".join(shapes) + " (checkpoint vs model)")
+    return "parameters differ from the model: " + "; ".join(parts)
