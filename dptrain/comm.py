@@ -89,6 +89,9 @@ class MPIComm:
         self.local_size = node.Get_size()
         node.Free()
         self.library = MPI.Get_library_version().splitlines()[0].strip()
+        # A script that uses the API without fail_fast() still must not hang its peers: an exception
+        # that reaches the top level aborts the job (what `python -m mpi4py` does, for a console script).
+        sys.excepthook = self._abort_on_uncaught
 
     def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
         self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
@@ -129,15 +132,18 @@ class MPIComm:
         except (ExitQuietly, SystemExit):
             raise
         except BaseException as exc:  # noqa: BLE001 - any escape would hang the other ranks
-            code = exc.exit_code if isinstance(exc, UserError) else 1
-            if isinstance(exc, UserError):
-                lines = [f"error: {exc}\n"]
-            else:
-                lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
-            text = "".join(f"[rank {self.rank}] {line}" for line in "".join(lines).splitlines(True))
-            sys.stderr.write(text)
-            sys.stderr.write(f"[rank {self.rank}] aborting all {self.size} ranks\n")
-            self.abort(code)
+            self._abort_on_uncaught(type(exc), exc, exc.__traceback__)
+
+    def _abort_on_uncaught(self, exc_type, exc, tb) -> None:
+        """Print this rank's traceback (one line for a UserError), then MPI_Abort the whole job."""
+        if isinstance(exc, UserError):
+            lines = [f"error: {exc}\n"]
+        else:
+            lines = traceback.format_exception(exc_type, exc, tb)
+        text = "".join(f"[rank {self.rank}] {line}" for line in "".join(lines).splitlines(True))
+        sys.stderr.write(text)
+        sys.stderr.write(f"[rank {self.rank}] aborting all {self.size} ranks\n")
+        self.abort(exc.exit_code if isinstance(exc, UserError) else 1)
 
 
 def _raise_if_any_failed(comm, error: BaseException | None) -> None:

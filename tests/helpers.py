@@ -1,0 +1,61 @@
+"""Shared helpers for tests that run dptrain in subprocesses (single process and under mpiexec)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT = 120  # seconds; a hang fails the test instead of freezing the suite
+
+
+def find_mpiexec() -> str | None:
+    here = Path(sys.executable).parent
+    for name in ("mpiexec", "mpirun"):
+        if os.access(here / name, os.X_OK):
+            return str(here / name)
+    return shutil.which("mpiexec") or shutil.which("mpirun")
+
+
+MPIEXEC = find_mpiexec()
+needs_mpiexec = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on this machine")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "OMPI_", "SLURM_"))}
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def run(argv: list[str], timeout: float = TIMEOUT, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=subprocess_env(**env))
+
+
+def dptrain(*args: str, ranks: int | None = None, timeout: float = TIMEOUT, cwd: Path | None = None,
+            **env: str) -> subprocess.CompletedProcess:
+    """Run `dptrain ARGS` single-process (ranks=None) or under `mpiexec -n ranks`."""
+    argv = [sys.executable, "-m", "dptrain", *args]
+    if ranks is not None:
+        argv = [MPIEXEC, "-n", str(ranks), *argv]
+    return run(argv, timeout=timeout, cwd=cwd, **env)
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as archive:
+        return {k: archive[k] for k in archive.files}
+
+
+def assert_arrays_close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], rtol: float = 1e-9) -> None:
+    """For every array: max|a - b| / max|b| <= rtol."""
+    assert a.keys() == b.keys()
+    for name in b:
+        scale = np.abs(b[name]).max()
+        err = np.abs(a[name] - b[name]).max() / (scale if scale > 0 else 1.0)
+        assert err <= rtol, f"{name}: relative difference {err:.3e} > {rtol}"
