@@ -157,7 +157,8 @@ class Trainer:
                 self.step += 1
                 for cb in self.callbacks:
                     cb.on_step_end(self, self.step, local_loss)
-                if self._due(self.checkpoint_policy.every_steps, self.step):
+                # a step checkpoint at the end of an epoch waits for the epoch's metrics (below)
+                if self._due(self.checkpoint_policy.every_steps, self.step) and k < self.steps_per_epoch - 1:
                     self.save_checkpoint()
             train_time = time.perf_counter() - t0
             self.epoch += 1
@@ -174,7 +175,8 @@ class Trainer:
             self._log_epoch(metrics)
             for cb in self.callbacks:
                 cb.on_epoch_end(self, self.epoch, metrics)
-            if self._due(self.checkpoint_policy.every_epochs, self.epoch) and not self._saved_at_this_step():
+            policy = self.checkpoint_policy
+            if self._due(policy.every_epochs, self.epoch) or self._due(policy.every_steps, self.step):
                 self.save_checkpoint()
         if not self._saved_at_this_step():
             self.save_checkpoint()
