@@ -140,7 +140,7 @@ def _train(comm, config_path, overrides, out, overwrite) -> None:
 
             shutil.rmtree(out_dir / "checkpoints")
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.toml").write_text(config.to_toml())
+        (out_dir / "config.toml").write_text(config.to_toml(), encoding="utf-8")
         click.echo(f"dptrain {__version__}: {comm.size} rank{'s' if comm.size > 1 else ''} ({comm.library}), "
                    f"{len(train_set)} training / {len(val_set)} validation samples, {model.n_params:,} parameters, "
                    f"run folder {out_dir}")

@@ -107,7 +107,8 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
+        # JSON escapes quotes, backslashes and control characters as TOML does; DEL needs adding
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} as TOML")
@@ -140,7 +141,10 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise bad from None
     if tp is str:
         if not isinstance(value, str):
             raise bad
@@ -175,7 +179,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise UserError(f"--set {text!r}: expected KEY=VALUE, e.g. train.epochs=5")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except ValueError:  # TOMLDecodeError, or an integer literal too long to convert
         value = raw.strip()
     return key.split("."), value
 
@@ -193,7 +197,7 @@ def load_config(path: str | None = None, overrides: tuple[str, ...] | list[str] 
             raise UserError(f"config {path}: not found") from None
         except OSError as exc:
             raise UserError(f"config {path}: cannot be read ({exc.strerror})") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError is a ValueError
             raise UserError(f"config {path}: not valid TOML ({exc})") from None
     for text in overrides:
         keys, value = parse_override(text)
