@@ -149,3 +149,41 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         if expected != _sha256(file):
             raise UserError(f"checkpoint file {file}: SHA-256 does not match meta.json (truncated or modified)")
     return Checkpoint(ckpt, _load_npz(ckpt / "model.npz"), _load_npz(ckpt / "optimizer.npz"), meta)
+
+
+def clean_stale_temporaries(checkpoint_root: Path) -> list[Path]:
+    """Remove what a crash in the middle of a save left behind (hidden temporaries only)."""
+    removed = []
+    if checkpoint_root.is_dir():
+        for p in checkpoint_root.iterdir():
+            if p.name.startswith((".tmp-", ".old-", ".latest-")):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+                removed.append(p)
+    return removed
+
+
+def describe_incompatibility(checkpoint: Checkpoint, names_shapes: dict[str, tuple[int, ...]], dtype) -> str | None:
+    """What differs between a checkpoint and a model ({name: shape}, dtype); None if they match."""
+    saved = {k: tuple(v.shape) for k, v in checkpoint.model.items()}
+    problems = []
+    layers_saved = {k.rsplit(".", 1)[0] for k in saved}
+    layers_model = {k.rsplit(".", 1)[0] for k in names_shapes}
+    if len(layers_saved) != len(layers_model):
+        problems.append(f"{len(layers_saved)} layers with parameters vs {len(layers_model)}")
+    dtypes = {str(v.dtype) for v in checkpoint.model.values()}
+    if dtypes and dtypes != {str(np.dtype(dtype))}:
+        problems.append(f"dtype {', '.join(sorted(dtypes))} vs {np.dtype(dtype)}")
+    missing = [n for n in names_shapes if n not in saved]
+    extra = [n for n in saved if n not in names_shapes]
+    if missing:
+        problems.append("missing " + ", ".join(missing))
+    if extra:
+        problems.append("unexpected " + ", ".join(extra))
+    problems += [f"{n} shape {saved[n]} vs {shape}" for n, shape in names_shapes.items()
+                 if n in saved and saved[n] != tuple(shape)]
+    if not problems:
+        return None
+    return f"checkpoint {checkpoint.path} does not match the model of the config (checkpoint vs config): " + "; ".join(problems)

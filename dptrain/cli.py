@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,10 +24,11 @@ import click
 
 from . import __version__
 from .build import build_loss, build_model, build_optimizer, load_dataset, train_val_split
-from .checkpoint import load_checkpoint, step_dirs
+from .checkpoint import (Checkpoint, clean_stale_temporaries, describe_incompatibility, load_checkpoint,
+                         step_dirs)
 from .comm import make_comm
 from .config import config_from_dict, load_config
-from .errors import ExitQuietly, UserError
+from .errors import EXIT_REQUEUE, CollectiveError, ExitQuietly, UserError
 from .launcher import build_command, find_mpiexec, limit_threads_in_process, thread_environment
 from .trainer import CheckpointPolicy, Trainer, evaluate
 
@@ -59,6 +62,9 @@ def _reports_errors(fn):
 
 
 def _train_options(fn):
+    fn = click.option("--resume", default=None, metavar="auto|PATH",
+                      help="Continue from the newest valid checkpoint of --out (auto; starts fresh if there is "
+                      "none) or from the checkpoint at PATH.")(fn)
     fn = click.option("--overwrite", is_flag=True,
                       help="Train into an --out folder that already holds checkpoints (they are deleted).")(fn)
     fn = click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -91,29 +97,79 @@ def _default_out_dir() -> Path:
     return out
 
 
-def _prepare_out_dir(out: str | None, overwrite: bool) -> Path:
+def _prepare_out_dir(out: str | None, overwrite: bool, resume: str | None) -> Path:
     """Rank 0 only: choose the run folder and refuse to train over an earlier run's checkpoints."""
+    if resume == "auto" and not out:
+        raise UserError("--resume auto needs --out, the run folder to continue")
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other: choose one")
     path = Path(out) if out else _default_out_dir()
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {path}: exists and is not a folder")
-    if step_dirs(path / "checkpoints") and not overwrite:
-        raise UserError(f"--out {path}: already holds checkpoints of an earlier run; choose another folder "
-                        f"or pass --overwrite")
+    if step_dirs(path / "checkpoints") and not overwrite and not resume:
+        raise UserError(f"--out {path}: already holds checkpoints of an earlier run; pass --resume auto to "
+                        f"continue it, --overwrite to replace it, or choose another folder")
     return path
+
+
+def _find_checkpoint(resume: str, out_dir: Path, model) -> Checkpoint | None:
+    """Rank 0 only: the checkpoint to resume from, verified and matching the model, or None."""
+
+    def compatible(ckpt: Checkpoint) -> Checkpoint:
+        shapes = {spec.name: spec.shape for spec in model.param_specs}
+        problem = describe_incompatibility(ckpt, shapes, model.dtype)
+        if problem:
+            raise UserError(problem)
+        return ckpt
+
+    if resume != "auto":
+        return compatible(load_checkpoint(resume))
+    for candidate in reversed(step_dirs(out_dir / "checkpoints")):
+        try:
+            ckpt = load_checkpoint(candidate)
+        except UserError as exc:
+            click.echo(f"warning: skipping damaged checkpoint {candidate}: {exc}", err=True)
+            continue
+        return compatible(ckpt)
+    click.echo(f"no checkpoint in {out_dir / 'checkpoints'}: starting fresh")
+    return None
+
+
+def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Keys whose values differ between two config trees, e.g. ["train.epochs 30 -> 50"]."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += _config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key} {a!r} -> {b!r}")
+    return changes
 
 
 @main.command(context_settings=CONTEXT)
 @_train_options
 @_common_options
 @_reports_errors
-def train(config_path, overrides, out, overwrite, comm_kind="auto", debug=False):
-    """Train a model, on one process or on every rank of an MPI job."""
+def train(config_path, overrides, out, overwrite, resume, comm_kind="auto", debug=False):
+    """Train a model, on one process or on every rank of an MPI job.
+
+    Exit status: 0 done; 1 crashed; 2 bad input; 3 diverged (NaN/inf) or ranks out of sync;
+    75 stopped by SIGTERM/SIGUSR1/SIGINT after writing a checkpoint (requeue with --resume auto).
+    """
     comm = make_comm(comm_kind)
     with comm.fail_fast():
-        _train(comm, config_path, overrides, out, overwrite)
+        try:
+            _train(comm, config_path, overrides, out, overwrite, resume)
+        except CollectiveError as exc:  # raised by every rank at the same step
+            if debug:
+                raise
+            if comm.rank == 0:
+                click.echo(f"error: {exc}", err=True)
+            raise ExitQuietly(exc.exit_code) from None
 
 
-def _train(comm, config_path, overrides, out, overwrite) -> None:
+def _train(comm, config_path, overrides, out, overwrite, resume) -> None:
     if comm.is_mpi:
         limit_threads_in_process(comm.local_size)
     error, out_dir = None, None
@@ -127,8 +183,11 @@ def _train(comm, config_path, overrides, out, overwrite) -> None:
         loss = build_loss(config, dataset)
         model = build_model(config, dataset.n_features, dataset.n_outputs)
         optimizer = build_optimizer(config, model)
+        checkpoint = None
         if comm.rank == 0:
-            out_dir = _prepare_out_dir(out, overwrite)
+            out_dir = _prepare_out_dir(out, overwrite, resume)
+            if resume:
+                checkpoint = _find_checkpoint(resume, out_dir, model)
     except UserError as exc:
         error = exc
     comm.raise_if_any_failed(error)
@@ -136,9 +195,8 @@ def _train(comm, config_path, overrides, out, overwrite) -> None:
 
     if comm.rank == 0:
         if overwrite and (out_dir / "checkpoints").is_dir():
-            import shutil
-
             shutil.rmtree(out_dir / "checkpoints")
+        clean_stale_temporaries(out_dir / "checkpoints")
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.toml").write_text(config.to_toml(), encoding="utf-8")
         click.echo(f"dptrain {__version__}: {comm.size} rank{'s' if comm.size > 1 else ''} ({comm.library}), "
@@ -150,13 +208,24 @@ def _train(comm, config_path, overrides, out, overwrite) -> None:
     trainer = Trainer(model, loss, optimizer, train_set, val_set, batch_size=config.train.batch_size,
                       epochs=config.train.epochs, seed=config.seed, shuffle=config.data.shuffle, comm=comm,
                       out_dir=out_dir, checkpoint=CheckpointPolicy(c.every_steps, c.every_epochs, c.keep),
-                      config=config.to_dict(), log=click.echo)
+                      config=config.to_dict(), on_nan=config.train.on_nan,
+                      check_sync_every=config.train.check_sync_every, log=click.echo)
+    if trainer.resume(checkpoint) and comm.rank == 0:
+        click.echo(f"resuming from {checkpoint.path} (step {trainer.step}, epoch {trainer.epoch}, "
+                   f"written by {checkpoint.meta.get('world_size')} rank(s))")
+        changes = _config_changes(checkpoint.meta.get("config", {}), config.to_dict())
+        if changes:
+            click.echo("note: the config differs from the checkpoint's: " + "; ".join(changes))
     t0 = time.perf_counter()
-    history = trainer.fit()
+    trainer.fit()
+    if trainer.stopped:
+        if comm.rank == 0:
+            click.echo(f"continue with --resume auto --out {out_dir} (exit status {EXIT_REQUEUE}: requeue)")
+        raise ExitQuietly(EXIT_REQUEUE)
     if comm.rank == 0:
-        last = history[-1]
+        last = trainer.last_metrics
         summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("val_loss", "val_accuracy", "val_rmse") if k in last)
-        click.echo(f"done in {time.perf_counter() - t0:.1f} s: {summary or 'train_loss %.4f' % last['train_loss']}; "
+        click.echo(f"done in {time.perf_counter() - t0:.1f} s: {summary or 'train_loss %.4f' % last.get('train_loss', math.nan)}; "
                    f"checkpoint {trainer.last_checkpoint}")
 
 

@@ -20,7 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import ExitQuietly, UserError
+from .errors import CollectiveError, ExitQuietly, UserError
 
 # Variables that process managers set in every rank they start.
 _LAUNCHER_VARIABLES = (
@@ -39,6 +39,26 @@ def launched_by_mpi(environ: dict[str, str] | None = None) -> bool:
     return env.get("SLURM_STEP_ID", "").isdigit() and "SLURM_PROCID" in env
 
 
+class _Done:
+    """A request that is already complete (the single-process Iallreduce)."""
+
+    def wait(self) -> None:
+        pass
+
+
+_DONE = _Done()
+
+
+class _Pending:
+    """An MPI request, completed by ``wait()``."""
+
+    def __init__(self, request) -> None:
+        self._request = request
+
+    def wait(self) -> None:
+        self._request.Wait()
+
+
 class SingleProcessComm:
     """Rank 0 of a world of 1. Every collective is the identity."""
 
@@ -52,9 +72,17 @@ class SingleProcessComm:
         """Sum ``buf`` over all ranks, in place; returns buf."""
         return buf
 
+    def iallreduce_sum(self, buf: np.ndarray) -> "_Done":
+        """Start summing ``buf`` in place over all ranks; ``.wait()`` on the result completes it."""
+        return _DONE
+
     def broadcast(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
         """Overwrite ``buf`` on every rank with root's, in place; returns buf."""
         return buf
+
+    def allgather(self, values: np.ndarray) -> np.ndarray:
+        """values : (k,) on each rank -> (size, k), row r holding rank r's values."""
+        return values.reshape(1, -1).copy()
 
     def broadcast_text(self, text: str, root: int = 0) -> str:
         return text
@@ -97,9 +125,18 @@ class MPIComm:
         self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
         return buf
 
+    def iallreduce_sum(self, buf: np.ndarray):
+        request = self.comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+        return _Pending(request)
+
     def broadcast(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
         self.comm.Bcast(buf, root=root)
         return buf
+
+    def allgather(self, values: np.ndarray) -> np.ndarray:
+        out = np.empty((self.size, values.size), dtype=values.dtype)
+        self.comm.Allgather(np.ascontiguousarray(values), out)
+        return out
 
     def broadcast_text(self, text: str, root: int = 0) -> str:
         data = np.frombuffer(text.encode(), dtype=np.uint8) if self.rank == root else None
@@ -129,8 +166,8 @@ class MPIComm:
         """
         try:
             yield
-        except (ExitQuietly, SystemExit):
-            raise
+        except (ExitQuietly, CollectiveError, SystemExit):
+            raise  # raised in step by every rank: nobody is left waiting
         except BaseException as exc:  # noqa: BLE001 - any escape would hang the other ranks
             self._abort_on_uncaught(type(exc), exc, exc.__traceback__)
 

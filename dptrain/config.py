@@ -51,6 +51,8 @@ class TrainConfig:
     batch_size: int = 64  # the GLOBAL batch, across all ranks
     dtype: str = "float32"  # float32 | float64, for the whole run
     loss: str = "cross_entropy"  # cross_entropy (integer labels) | mse (float targets)
+    on_nan: str = "error"  # error: stop at a NaN/inf loss or gradient | skip: skip that update
+    check_sync_every: int = 0  # compare the ranks' parameters every N steps; 0 = each epoch
 
 
 @dataclass(frozen=True)
@@ -254,6 +256,9 @@ def validate(config: Config, where: str = "config") -> None:
         fail("train.batch_size", f"must be >= 1, got {t.batch_size}")
     choose("train.dtype", t.dtype, DTYPES)
     choose("train.loss", t.loss, LOSS_NAMES)
+    choose("train.on_nan", t.on_nan, ("error", "skip"))
+    if t.check_sync_every < 0:
+        fail("train.check_sync_every", f"must be >= 0, got {t.check_sync_every}")
     choose("optim.name", o.name, OPTIMIZER_NAMES)
     if not (o.lr > 0 and math.isfinite(o.lr)):
         fail("optim.lr", f"must be > 0, got {o.lr}")

@@ -5,19 +5,23 @@ One step, on every rank::
     indices = shard(global_batch(order, k, B), rank, world)   # this rank's part of global batch k
     z = model.forward(x[indices])                              # (n_local, n_outputs)
     loss_sum, dz = loss.value_and_grad(z, y[indices])          # SUM over the local samples
+    control = [loss_sum, stop_requested]; Iallreduce(control)  # small, overlapped with backward
     model.backward(dz)                                         # grad_buffer = d(local sum)/dparams
     comm.allreduce_sum(grad_buffer)                            # one Allreduce over one flat buffer
     grad_buffer /= len(global batch)                           # the mean over the global batch
     optimizer.step()                                           # the same update on every rank
 
-Step counts, evaluation and checkpoints derive from (epoch, step) alone, identical on every rank,
-so every rank makes the same collective calls in the same order. Only rank 0 logs and writes.
+Step counts, evaluation, checkpoints, stopping and every check derive from (epoch, step) and from
+values summed over all ranks, so every rank makes the same collective calls in the same order and
+takes the same decisions. Only rank 0 logs and writes.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,12 +29,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import __version__
-from .checkpoint import save_checkpoint
+from .checkpoint import Checkpoint, save_checkpoint
 from .comm import SingleProcessComm
 from .data import Dataset, epoch_order, global_batch, shard, steps_per_epoch
+from .errors import DesyncError, DivergenceError, MismatchError
 from .nn import Loss, Sequential
+from .signals import StopOnSignal
 
 EVAL_CHUNK = 4096  # samples per forward pass in evaluation, to bound memory
+_FINGERPRINT_ROWS = 4096  # rows of each dataset hashed in the pre-flight agreement check
 
 
 @dataclass(frozen=True)
@@ -45,9 +52,11 @@ class CheckpointPolicy:
 class Callback:
     """Hooks called on every rank, in the same order. Override what you need."""
 
-    def on_step_end(self, trainer: "Trainer", step: int, local_loss_sum: float) -> None: ...
+    def on_step_end(self, trainer: "Trainer", step: int, loss_sum: float) -> None:
+        """After optimizer step ``step``; loss_sum is summed over the whole global batch."""
 
-    def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict[str, Any]) -> None: ...
+    def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict[str, Any]) -> None:
+        """After epoch ``epoch`` (1-based) and its evaluation."""
 
 
 def evaluate(model: Sequential, loss: Loss, dataset: Dataset, comm=None) -> dict[str, Any]:
@@ -88,7 +97,11 @@ class Trainer:
     seed, shuffle : the epoch order is a pure function of (seed, epoch).
     comm : a communicator from :mod:`dptrain.comm` (default: single process).
     out_dir : run folder; rank 0 writes ``out_dir/checkpoints``. None: no checkpoints.
-    config : the resolved config as a plain dict, recorded in each checkpoint's meta.json.
+    config : the resolved config as a plain dict, recorded in each checkpoint's meta.json and
+        compared across ranks before step 0.
+    on_nan : "error" stops at a NaN/inf loss or gradient (DivergenceError); "skip" skips that update.
+    check_sync_every : compare a checksum of the parameters across ranks every N steps; 0: each epoch.
+    stop_on_signals : stop at the next step boundary on SIGTERM, SIGUSR1 or SIGINT (main thread only).
     log : called with one line per epoch, on rank 0 only.
     """
 
@@ -96,11 +109,16 @@ class Trainer:
                  val_data: Dataset | None = None, *, batch_size: int, epochs: int, seed: int = 0,
                  shuffle: bool = True, comm=None, out_dir: str | Path | None = None,
                  checkpoint: CheckpointPolicy = CheckpointPolicy(), config: dict | None = None,
+                 on_nan: str = "error", check_sync_every: int = 0, stop_on_signals: bool = True,
                  callbacks: Sequence[Callback] = (), log: Callable[[str], None] | None = print) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
+        if on_nan not in ("error", "skip"):
+            raise ValueError(f"on_nan must be 'error' or 'skip', got {on_nan!r}")
+        if check_sync_every < 0:
+            raise ValueError(f"check_sync_every must be >= 0, got {check_sync_every}")
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.train_data, self.val_data = train_data, val_data if val_data is not None and len(val_data) else None
         self.batch_size, self.epochs, self.seed, self.shuffle = batch_size, epochs, seed, shuffle
@@ -108,33 +126,130 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.checkpoint_policy = checkpoint
         self.config = config or {}
+        self.on_nan, self.check_sync_every = on_nan, check_sync_every
+        self.stop_on_signals = stop_on_signals
         self.callbacks = list(callbacks)
         self._log = log if self.comm.rank == 0 else None
         self.steps_per_epoch = steps_per_epoch(len(train_data), batch_size)
         self.step = 0  # global optimizer steps done
         self.epoch = 0  # epochs completed
+        self.epoch_loss_sum = 0.0  # loss summed over all ranks and the steps done in this epoch
+        self.skipped_steps = 0  # updates skipped for a non-finite loss or gradient (on_nan = "skip")
         self.last_metrics: dict[str, Any] = {}
         self.last_checkpoint: Path | None = None
+        self.stopped = False  # fit() returned early because a stop signal reached some rank
+        self.stop_requests = 0  # how many ranks had received a stop signal when it stopped
+        self._signals = StopOnSignal()
+        self._control = np.zeros(2, dtype=np.float64)  # [loss sum, stop requests], summed per step
 
     # -- one step ---------------------------------------------------------------------------
 
-    def train_step(self, batch_indices: np.ndarray) -> float:
-        """One optimizer step on a global batch; returns this rank's loss SUM over its shard."""
+    def train_step(self, batch_indices: np.ndarray) -> tuple[float, int]:
+        """One optimizer step on a global batch.
+
+        Returns (loss summed over the whole global batch, number of ranks asking to stop), the
+        same on every rank. A non-finite loss or gradient raises DivergenceError on every rank
+        (or skips the update with on_nan = "skip").
+        """
         local = shard(batch_indices, self.comm.rank, self.comm.size)
         x, y = self.train_data.x[local], self.train_data.y[local]
         z = self.model.forward(x, train=True)
         loss_sum, dz = self.loss.value_and_grad(z, y)
+        control = self._control
+        control[0], control[1] = loss_sum, float(self._signals.requested)  # [1] sums to the ranks asking
+        pending = self.comm.iallreduce_sum(control)
         self.model.backward(dz)
         grads = self.comm.allreduce_sum(self.model.grad_buffer)
+        pending.wait()
         grads /= len(batch_indices)
-        self.optimizer.step()
-        return loss_sum
+        global_loss, stop = float(control[0]), int(control[1])
+        problem = self._non_finite(global_loss)
+        if problem is None:
+            self.optimizer.step()
+        elif self.on_nan == "skip":
+            self.skipped_steps += 1
+        else:
+            raise DivergenceError(f"{problem} at step {self.step + 1} (epoch {self.epoch + 1}); "
+                                  f"no checkpoint written for it (set train.on_nan = \"skip\" to skip such steps)")
+        return global_loss, int(stop)
+
+    def _non_finite(self, global_loss: float) -> str | None:
+        """None if the loss and the averaged gradient are finite, else what is not (same on all ranks)."""
+        if not math.isfinite(global_loss):
+            return f"non-finite loss ({global_loss})"
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = np.add.reduce(self.model.grad_buffer)  # one pass: NaN and inf propagate
+        if math.isfinite(total):
+            return None
+        for spec, grad in zip(self.model.param_specs, self.model.named_grads().values()):
+            if not np.isfinite(grad).all():
+                layer = self.model.layers[spec.layer_index].describe()
+                return f"non-finite gradient in {spec.name} ({layer})"
+        return None  # the sum overflowed, every value is finite
 
     # -- evaluation -------------------------------------------------------------------------
 
     def evaluate(self, dataset: Dataset) -> dict[str, Any]:
         """Exact distributed evaluation of the model on ``dataset`` (collective)."""
         return evaluate(self.model, self.loss, dataset, self.comm)
+
+    # -- agreement checks -------------------------------------------------------------------
+
+    def check_agreement(self) -> None:
+        """Before step 0: every rank must hold the same config, data and model shapes (collective)."""
+        items = {
+            "config": json.dumps(self.config, sort_keys=True).encode(),
+            "training data": _data_fingerprint(self.train_data),
+            "validation data": _data_fingerprint(self.val_data),
+            "model": json.dumps([(s.name, s.shape) for s in self.model.param_specs] + [str(self.model.dtype)]).encode(),
+        }
+        mine = np.array([zlib.crc32(v) for v in items.values()], dtype=np.int64)
+        table = self.comm.allgather(mine)
+        problems = []
+        for j, what in enumerate(items):
+            differ = [r for r in range(self.comm.size) if table[r, j] != table[0, j]]
+            if differ:
+                problems.append(f"{what} (rank{'s' if len(differ) > 1 else ''} "
+                                f"{', '.join(map(str, differ))} differ{'' if len(differ) > 1 else 's'} from rank 0)")
+        if problems:
+            raise MismatchError("ranks disagree before step 0 on: " + "; ".join(problems) +
+                                " -- every rank must see the same config and data files")
+
+    def check_sync(self) -> None:
+        """Compare a checksum of every rank's parameters; DesyncError names the ranks that differ."""
+        mine = np.array([zlib.crc32(self.model.param_buffer.view(np.uint8))], dtype=np.int64)
+        table = self.comm.allgather(mine)[:, 0]
+        differ = [r for r in range(self.comm.size) if table[r] != table[0]]
+        if differ:
+            raise DesyncError(f"parameters out of sync at step {self.step}: rank{'s' if len(differ) > 1 else ''} "
+                              f"{', '.join(map(str, differ))} differ{'' if len(differ) > 1 else 's'} from rank 0")
+
+    # -- resume -----------------------------------------------------------------------------
+
+    def resume(self, checkpoint: Checkpoint | None) -> bool:
+        """Continue from ``checkpoint`` (needed on rank 0 only; collective). Returns False for None.
+
+        Rank 0 restores the parameters, the optimizer state and the position (step, epoch, the
+        loss so far in the epoch) and broadcasts them, so other ranks need not see the file.
+        """
+        header = np.zeros(5, dtype=np.float64)  # [present, step, epoch, epoch loss sum, skipped]
+        if self.comm.rank == 0 and checkpoint is not None:
+            meta = checkpoint.meta
+            header[:] = [1, meta["step"], meta["epoch"], meta.get("epoch_loss_sum", 0.0), meta.get("skipped_steps", 0)]
+            self.model.load_params(checkpoint.model)
+            self.optimizer.load_state_dict(checkpoint.optimizer)
+            self.last_metrics = dict(meta.get("metrics", {}))
+        self.comm.broadcast(header)
+        if header[0] == 0:
+            return False
+        self.comm.broadcast(self.model.param_buffer)
+        for array in self.optimizer.state_dict().values():
+            self.comm.broadcast(array)
+        self.step, self.epoch = int(header[1]), int(header[2])
+        self.epoch_loss_sum, self.skipped_steps = float(header[3]), int(header[4])
+        if self.out_dir is not None:
+            self.last_checkpoint = self.out_dir / "checkpoints" / f"step-{self.step:08d}"
+        return True
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -143,44 +258,67 @@ class Trainer:
         self.comm.broadcast(self.model.param_buffer, root=0)
 
     def fit(self) -> list[dict[str, Any]]:
-        """Train for ``epochs`` epochs; returns one metrics dict per epoch (the same on every rank)."""
+        """Train until ``epochs`` epochs are done or a signal asks to stop.
+
+        Returns one metrics dict per epoch completed in this call (the same on every rank). After
+        a stop signal, a checkpoint is written and ``stopped`` is True.
+        """
+        self.check_agreement()
         self.broadcast_parameters()
         history = []
-        n_train = len(self.train_data)
-        while self.epoch < self.epochs:
-            epoch = self.epoch
-            order = epoch_order(n_train, self.seed, epoch, self.shuffle)
-            local_loss = 0.0
-            t0 = time.perf_counter()
-            for k in range(self.step - epoch * self.steps_per_epoch, self.steps_per_epoch):
-                local_loss += self.train_step(global_batch(order, k, self.batch_size))
-                self.step += 1
-                for cb in self.callbacks:
-                    cb.on_step_end(self, self.step, local_loss)
-                # a step checkpoint at the end of an epoch waits for the epoch's metrics (below)
-                if self._due(self.checkpoint_policy.every_steps, self.step) and k < self.steps_per_epoch - 1:
+        policy = self.checkpoint_policy
+        with self._signals if self.stop_on_signals else _nothing():
+            while self.epoch < self.epochs and not self.stopped:
+                epoch = self.epoch
+                order = epoch_order(len(self.train_data), self.seed, epoch, self.shuffle)
+                t0, n_seen = time.perf_counter(), 0
+                for k in range(self.step - epoch * self.steps_per_epoch, self.steps_per_epoch):
+                    batch = global_batch(order, k, self.batch_size)
+                    step_loss, stop = self.train_step(batch)
+                    self.step += 1
+                    self.epoch_loss_sum += step_loss
+                    n_seen += len(batch)
+                    for cb in self.callbacks:
+                        cb.on_step_end(self, self.step, step_loss)
+                    if self.check_sync_every and self.step % self.check_sync_every == 0:
+                        self.check_sync()
+                    if stop:
+                        self.stopped, self.stop_requests = True, stop
+                        break
+                    # a step checkpoint at the end of an epoch waits for the epoch's metrics (below)
+                    if self._due(policy.every_steps, self.step) and k < self.steps_per_epoch - 1:
+                        self.save_checkpoint()
+                if self.stopped and self.step < (epoch + 1) * self.steps_per_epoch:
+                    break  # stopped mid-epoch: the epoch resumes from here
+                train_time = time.perf_counter() - t0
+                metrics = self._end_epoch(n_seen, train_time)
+                history.append(metrics)
+                if self.check_sync_every == 0:
+                    self.check_sync()
+                if self._due(policy.every_epochs, self.epoch) or self._due(policy.every_steps, self.step):
                     self.save_checkpoint()
-            train_time = time.perf_counter() - t0
-            self.epoch += 1
-            totals = self.comm.allreduce_sum(np.array([local_loss], dtype=np.float64))
-            metrics: dict[str, Any] = {"epoch": self.epoch, "step": self.step,
-                                       "train_loss": float(totals[0]) / n_train,
-                                       "samples_per_s": n_train / train_time if train_time > 0 else math.inf,
-                                       "epoch_time_s": train_time}
-            if self.val_data is not None:
-                val = self.evaluate(self.val_data)
-                metrics.update({f"val_{k}": v for k, v in val.items() if k != "n_samples"})
-            self.last_metrics = metrics
-            history.append(metrics)
-            self._log_epoch(metrics)
-            for cb in self.callbacks:
-                cb.on_epoch_end(self, self.epoch, metrics)
-            policy = self.checkpoint_policy
-            if self._due(policy.every_epochs, self.epoch) or self._due(policy.every_steps, self.step):
+            if not self._saved_at_this_step():
                 self.save_checkpoint()
-        if not self._saved_at_this_step():
-            self.save_checkpoint()
+        if self.stopped and self._log is not None:
+            self._log(f"stop signal received by {self.stop_requests} of {self.comm.size} rank(s): stopped after "
+                      f"step {self.step}; checkpoint {self.last_checkpoint}")
         return history
+
+    def _end_epoch(self, n_seen: int, train_time: float) -> dict[str, Any]:
+        self.epoch += 1
+        metrics: dict[str, Any] = {"epoch": self.epoch, "step": self.step,
+                                   "train_loss": self.epoch_loss_sum / len(self.train_data),
+                                   "samples_per_s": n_seen / train_time if train_time > 0 else math.inf,
+                                   "epoch_time_s": train_time, "skipped_steps": self.skipped_steps}
+        self.epoch_loss_sum = 0.0
+        if self.val_data is not None:
+            val = self.evaluate(self.val_data)
+            metrics.update({f"val_{k}": v for k, v in val.items() if k != "n_samples"})
+        self.last_metrics = metrics
+        self._log_epoch(metrics)
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, self.epoch, metrics)
+        return metrics
 
     @staticmethod
     def _due(every: int, count: int) -> bool:
@@ -194,19 +332,21 @@ class Trainer:
             return
         width = len(str(self.epochs))
         parts = [f"epoch {m['epoch']:>{width}}/{self.epochs}", f"step {m['step']}", f"train_loss {m['train_loss']:.4f}"]
-        if "val_loss" in m:
-            parts.append(f"val_loss {m['val_loss']:.4f}")
-        if "val_accuracy" in m:
-            parts.append(f"val_accuracy {m['val_accuracy']:.4f}")
-        if "val_rmse" in m:
-            parts.append(f"val_rmse {m['val_rmse']:.4f}")
+        for key in ("val_loss", "val_accuracy", "val_rmse"):
+            if key in m:
+                parts.append(f"{key} {m[key]:.4f}")
         parts.append(f"samples/s {m['samples_per_s']:,.0f}")
+        if m["skipped_steps"]:
+            parts.append(f"skipped_steps {m['skipped_steps']}")
         self._log("  ".join(parts))
 
     # -- checkpoints ------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path | None:
-        """Rank 0 writes a checkpoint of the current step (other ranks only record the name)."""
+        """Rank 0 writes a checkpoint of the current step (other ranks only record the name).
+
+        Nothing in it depends on the world size, so it resumes on any number of ranks.
+        """
         if self.out_dir is None:
             return None
         path = self.out_dir / "checkpoints" / f"step-{self.step:08d}"
@@ -215,7 +355,9 @@ class Trainer:
                 "dptrain_version": __version__,
                 "epoch": self.epoch,
                 "step_in_epoch": self.step - self.epoch * self.steps_per_epoch,
-                "world_size": self.comm.size,
+                "epoch_loss_sum": self.epoch_loss_sum,
+                "skipped_steps": self.skipped_steps,
+                "world_size": self.comm.size,  # for the record only
                 "dtype": str(self.model.dtype),
                 "config": self.config,
                 "metrics": {k: v for k, v in self.last_metrics.items() if k in
@@ -226,3 +368,21 @@ class Trainer:
                                    self.optimizer.state_dict(), meta, self.checkpoint_policy.keep)
         self.last_checkpoint = path
         return path
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def _data_fingerprint(dataset: Dataset | None) -> bytes:
+    """Size, shapes, dtypes and up to 4096 evenly spaced rows of a dataset, as bytes to hash."""
+    if dataset is None:
+        return b"none"
+    n = len(dataset)
+    rows = np.unique(np.linspace(0, n - 1, num=min(n, _FINGERPRINT_ROWS)).astype(np.int64)) if n else np.arange(0)
+    head = f"{n} {dataset.x.shape} {dataset.x.dtype} {dataset.y.shape} {dataset.y.dtype} {dataset.n_classes}"
+    return head.encode() + np.ascontiguousarray(dataset.x[rows]).tobytes() + np.ascontiguousarray(dataset.y[rows]).tobytes()
