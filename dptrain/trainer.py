@@ -141,6 +141,7 @@ class Trainer:
         self.stop_requests = 0  # how many ranks had received a stop signal when it stopped
         self._signals = StopOnSignal()
         self._control = np.zeros(2, dtype=np.float64)  # [loss sum, stop requests], summed per step
+        self._agreed = False  # check_agreement() has passed
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -177,8 +178,7 @@ class Trainer:
         """None if the loss and the averaged gradient are finite, else what is not (same on all ranks)."""
         if not math.isfinite(global_loss):
             return f"non-finite loss ({global_loss})"
-        with np.errstate(over="ignore", invalid="ignore"):
-            total = np.add.reduce(self.model.grad_buffer)  # one pass: NaN and inf propagate
+        total = np.add.reduce(self.model.grad_buffer)  # one pass: NaN and inf propagate
         if math.isfinite(total):
             return None
         for spec, grad in zip(self.model.param_specs, self.model.named_grads().values()):
@@ -196,7 +196,12 @@ class Trainer:
     # -- agreement checks -------------------------------------------------------------------
 
     def check_agreement(self) -> None:
-        """Before step 0: every rank must hold the same config, data and model shapes (collective)."""
+        """Before step 0: every rank must hold the same config, data and model shapes (collective).
+
+        Called by resume() and fit() (once): before any collective whose size depends on them.
+        """
+        if self._agreed:
+            return
         items = {
             "config": json.dumps(self.config, sort_keys=True).encode(),
             "training data": _data_fingerprint(self.train_data),
@@ -214,6 +219,7 @@ class Trainer:
         if problems:
             raise MismatchError("ranks disagree before step 0 on: " + "; ".join(problems) +
                                 " -- every rank must see the same config and data files")
+        self._agreed = True
 
     def check_sync(self) -> None:
         """Compare a checksum of every rank's parameters; DesyncError names the ranks that differ."""
@@ -232,6 +238,7 @@ class Trainer:
         Rank 0 restores the parameters, the optimizer state and the position (step, epoch, the
         loss so far in the epoch) and broadcasts them, so other ranks need not see the file.
         """
+        self.check_agreement()
         header = np.zeros(5, dtype=np.float64)  # [present, step, epoch, epoch loss sum, skipped]
         if self.comm.rank == 0 and checkpoint is not None:
             meta = checkpoint.meta
@@ -267,7 +274,8 @@ class Trainer:
         self.broadcast_parameters()
         history = []
         policy = self.checkpoint_policy
-        with self._signals if self.stop_on_signals else _nothing():
+        # NaN and overflow are detected per step (_non_finite) and reported once, not as NumPy warnings
+        with self._signals if self.stop_on_signals else _nothing(), np.errstate(all="ignore"):
             while self.epoch < self.epochs and not self.stopped:
                 epoch = self.epoch
                 order = epoch_order(len(self.train_data), self.seed, epoch, self.shuffle)
