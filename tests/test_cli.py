@@ -129,3 +129,18 @@ def test_default_job_on_two_ranks_reaches_097_in_15_s(tmp_path):
     assert meta["metrics"]["val_accuracy"] >= 0.97
     assert meta["world_size"] == 2
     assert elapsed < 15
+
+
+@needs_mpiexec
+def test_launch_passes_shell_metacharacters_verbatim(tmp_path):
+    """The launcher builds an argv list: nothing is interpreted by a shell."""
+    out = tmp_path / "run $(touch pwned); `touch pwned2` | * &"
+    result = dptrain("launch", "-n", "2", "--out", str(out), "--set", "train.epochs=1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (out / "checkpoints" / "latest" / "model.npz").is_file()
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "pwned2").exists()
+    result = dptrain("launch", "-n", "2", "--out", str(tmp_path / "r2"), "--set", "data.path=$(touch pwned3)",
+                     "--set", "data.name=npz", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "data file $(touch pwned3): not found" in result.stderr
+    assert not (tmp_path / "pwned3").exists()
