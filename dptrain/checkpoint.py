@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
+from .nn.model import describe_mismatch
 
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
@@ -176,14 +177,7 @@ def describe_incompatibility(checkpoint: Checkpoint, names_shapes: dict[str, tup
     dtypes = {str(v.dtype) for v in checkpoint.model.values()}
     if dtypes and dtypes != {str(np.dtype(dtype))}:
         problems.append(f"dtype {', '.join(sorted(dtypes))} vs {np.dtype(dtype)}")
-    missing = [n for n in names_shapes if n not in saved]
-    extra = [n for n in saved if n not in names_shapes]
-    if missing:
-        problems.append("missing " + ", ".join(missing))
-    if extra:
-        problems.append("unexpected " + ", ".join(extra))
-    problems += [f"{n} shape {saved[n]} vs {shape}" for n, shape in names_shapes.items()
-                 if n in saved and saved[n] != tuple(shape)]
+    problems += describe_mismatch(names_shapes, saved)
     if not problems:
         return None
     return f"checkpoint {checkpoint.path} does not match the model of the config (checkpoint vs config): " + "; ".join(problems)

@@ -116,8 +116,7 @@ def _find_checkpoint(resume: str, out_dir: Path, model) -> Checkpoint | None:
     """Rank 0 only: the checkpoint to resume from, verified and matching the model, or None."""
 
     def compatible(ckpt: Checkpoint) -> Checkpoint:
-        shapes = {spec.name: spec.shape for spec in model.param_specs}
-        problem = describe_incompatibility(ckpt, shapes, model.dtype)
+        problem = describe_incompatibility(ckpt, {s.name: s.shape for s in model.param_specs}, model.dtype)
         if problem:
             raise UserError(problem)
         return ckpt
@@ -249,10 +248,10 @@ def eval_command(checkpoint_path, as_json, comm_kind="auto", debug=False):
                 raise UserError(f"checkpoint {ckpt.path}: its config has data.val_fraction = 0, no validation split")
             loss = build_loss(config, dataset)
             model = build_model(config, dataset.n_features, dataset.n_outputs, init=False)
-            try:
-                model.load_params(ckpt.model)
-            except ValueError as exc:
-                raise UserError(f"checkpoint {ckpt.path / 'model.npz'}: {exc}") from None
+            problem = describe_incompatibility(ckpt, {s.name: s.shape for s in model.param_specs}, model.dtype)
+            if problem:
+                raise UserError(problem)
+            model.load_params(ckpt.model)
         except UserError as exc:
             error = exc
         comm.raise_if_any_failed(error)

@@ -98,8 +98,9 @@ class Sequential:
         """Copy arrays into the parameters; names and shapes must match exactly."""
         expected = {s.name: s.shape for s in self.param_specs}
         given = {k: tuple(v.shape) for k, v in arrays.items()}
-        if expected != given:
-            raise ValueError(describe_mismatch(expected, given))
+        problems = describe_mismatch(expected, given)
+        if problems:
+            raise ValueError("parameters differ from the model (given vs model): " + "; ".join(problems))
         for name, view in self.named_params().items():
             view[...] = arrays[name]
 
@@ -113,16 +114,15 @@ class Sequential:
         return rows
 
 
-def describe_mismatch(expected: dict[str, tuple], given: dict[str, tuple]) -> str:
-    """A one-line account of how two {name: shape} maps differ."""
+def describe_mismatch(expected: dict[str, tuple], given: dict[str, tuple]) -> list[str]:
+    """How two {name: shape} maps differ, one phrase per difference (given vs expected)."""
+    problems = []
     missing = [n for n in expected if n not in given]
     extra = [n for n in given if n not in expected]
-    shapes = [f"{n} {given[n]} vs {expected[n]}" for n in expected if n in given and given[n] != expected[n]]
-    parts = []
     if missing:
-        parts.append("missing " + ", ".join(missing))
+        problems.append("missing " + ", ".join(missing))
     if extra:
-        parts.append("unexpected " + ", ".join(extra))
-    if shapes:
-        parts.append("shape " + "; ".join(shapes) + " (checkpoint vs model)")
-    return "parameters differ from the model: " + "; ".join(parts)
+        problems.append("unexpected " + ", ".join(extra))
+    problems += [f"{n} shape {given[n]} vs {expected[n]}" for n in expected
+                 if n in given and tuple(given[n]) != tuple(expected[n])]
+    return problems
