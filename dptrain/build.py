@@ -16,6 +16,7 @@ from .nn import ACTIVATIONS, LOSSES, Dense, Loss, Sequential
 from .optim import OPTIMIZERS
 
 _MODEL_INIT_STREAM = 10
+MAX_PARAMS = 2**31  # the flat buffers are indexed with int32 offsets by many BLAS builds
 
 
 def load_dataset(config: Config, path: str | None = None) -> Dataset:
@@ -54,6 +55,11 @@ def build_model(config: Config, n_features: int, n_outputs: int, init: bool = Tr
     Parameters are drawn from a Generator seeded by ``config.seed`` (the trainer still broadcasts
     rank 0's so every rank starts from the same weights whatever its NumPy).
     """
+    widths = [n_features, *config.model.hidden, n_outputs]
+    n_params = sum((a + 1) * b for a, b in zip(widths, widths[1:]))
+    if n_params > MAX_PARAMS:
+        raise UserError(f"model.hidden = {list(config.model.hidden)} gives {n_params:,} parameters for "
+                        f"{n_features} inputs; more than {MAX_PARAMS:,} is not supported")
     activation = ACTIVATIONS[config.model.activation]
     init_name = "he" if config.model.activation == "relu" else "xavier"
     layers = []

@@ -67,11 +67,11 @@ def _train_options(fn):
                       "none) or from the checkpoint at PATH.")(fn)
     fn = click.option("--overwrite", is_flag=True,
                       help="Train into an --out folder that already holds checkpoints (they are deleted).")(fn)
-    fn = click.option("--out", type=click.Path(file_okay=False), default=None,
+    fn = click.option("--out", type=click.Path(), default=None,
                       help="Run folder for checkpoints and the resolved config [default: runs/<date-time>].")(fn)
     fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                       help="Override a config key, e.g. --set train.epochs=5 (repeatable).")(fn)
-    fn = click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+    fn = click.option("--config", "config_path", type=click.Path(), default=None,
                       help="TOML config file [default: the built-in digits MLP].")(fn)
     return fn
 
@@ -159,7 +159,7 @@ def train(config_path, overrides, out, overwrite, resume, comm_kind="auto", debu
     comm = make_comm(comm_kind)
     with comm.fail_fast():
         try:
-            _train(comm, config_path, overrides, out, overwrite, resume)
+            _train(comm, config_path, overrides, out, overwrite, resume, debug)
         except CollectiveError as exc:  # raised by every rank at the same step
             if debug:
                 raise
@@ -168,7 +168,7 @@ def train(config_path, overrides, out, overwrite, resume, comm_kind="auto", debu
             raise ExitQuietly(exc.exit_code) from None
 
 
-def _train(comm, config_path, overrides, out, overwrite, resume) -> None:
+def _train(comm, config_path, overrides, out, overwrite, resume, debug=False) -> None:
     if comm.is_mpi:
         limit_threads_in_process(comm.local_size)
     error, out_dir = None, None
@@ -187,7 +187,11 @@ def _train(comm, config_path, overrides, out, overwrite, resume) -> None:
             out_dir = _prepare_out_dir(out, overwrite, resume)
             if resume:
                 checkpoint = _find_checkpoint(resume, out_dir, model)
+    except MemoryError as exc:
+        error = UserError(f"not enough memory for the data and model of this config ({exc or 'MemoryError'})")
     except UserError as exc:
+        if debug:
+            raise
         error = exc
     comm.raise_if_any_failed(error)
     out_dir = Path(comm.broadcast_text(str(out_dir) if comm.rank == 0 else ""))

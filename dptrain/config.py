@@ -26,6 +26,8 @@ ACTIVATION_NAMES = ("relu", "tanh", "sigmoid")
 LOSS_NAMES = ("cross_entropy", "mse")
 OPTIMIZER_NAMES = ("sgd",)
 DTYPES = ("float32", "float64")
+MAX_WIDTH = 2**20  # layer widths, features and classes: beyond this a typo, not a model
+MAX_SYNTHETIC_VALUES = 2**28  # 2 GiB of float64 synthetic features
 
 
 @dataclass(frozen=True)
@@ -242,13 +244,16 @@ def validate(config: Config, where: str = "config") -> None:
     if d.name == "synthetic":
         if d.n_samples < 2:
             fail("data.n_samples", f"must be >= 2, got {d.n_samples}")
-        if d.n_features < 1:
-            fail("data.n_features", f"must be >= 1, got {d.n_features}")
-        if d.n_classes < 2:
-            fail("data.n_classes", f"must be >= 2, got {d.n_classes}")
+        if not 1 <= d.n_features <= MAX_WIDTH:
+            fail("data.n_features", f"must be in [1, {MAX_WIDTH}], got {d.n_features}")
+        if not 2 <= d.n_classes <= MAX_WIDTH:
+            fail("data.n_classes", f"must be in [2, {MAX_WIDTH}], got {d.n_classes}")
+        if d.n_samples * d.n_features > MAX_SYNTHETIC_VALUES:
+            fail("data.n_samples", f"times data.n_features must be <= {MAX_SYNTHETIC_VALUES:,} "
+                 f"(got {d.n_samples} x {d.n_features})")
     for i, width in enumerate(m.hidden):
-        if width < 1:
-            fail(f"model.hidden[{i}]", f"must be >= 1, got {width}")
+        if not 1 <= width <= MAX_WIDTH:
+            fail(f"model.hidden[{i}]", f"must be in [1, {MAX_WIDTH}], got {width}")
     choose("model.activation", m.activation, ACTIVATION_NAMES)
     if t.epochs < 1:
         fail("train.epochs", f"must be >= 1, got {t.epochs}")

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import UserError
+
+MAX_CLASSES = 2**20  # more would be a mistake in the labels, not a classification task
 
 # Stream tags keep the random streams of one seed independent of each other.
 _SPLIT_STREAM, _EPOCH_STREAM, _SYNTHETIC_STREAM = 1, 2, 3
@@ -47,8 +50,14 @@ class Dataset:
         return Dataset(self.x[indices], self.y[indices], self.n_classes, self.source)
 
     def astype(self, dtype) -> "Dataset":
-        y = self.y if self.n_classes is not None else self.y.astype(dtype, copy=False)
-        return Dataset(self.x.astype(dtype, copy=False), y, self.n_classes, self.source)
+        """The same data in ``dtype``; refuses values that do not fit it (e.g. 1e300 in float32)."""
+        with np.errstate(over="ignore"):
+            x = self.x.astype(dtype, copy=False)
+            y = self.y if self.n_classes is not None else self.y.astype(dtype, copy=False)
+        if not (np.isfinite(x).all() and (self.n_classes is not None or np.isfinite(y).all())):
+            raise UserError(f"data {self.source}: values exceed the range of {np.dtype(dtype)} "
+                            f"(scale the data or set train.dtype = \"float64\")")
+        return Dataset(x, y, self.n_classes, self.source)
 
 
 def load_digits() -> Dataset:
@@ -77,10 +86,12 @@ def load_npz(path: str, n_classes: int | None = None) -> Dataset:
 
     Labels are checked to lie in [0, n_classes); if n_classes is not given it is max(y) + 1.
     """
+    if os.path.isdir(path):
+        raise UserError(f"data file {path}: is a folder, not an .npz file")
     if not os.path.isfile(path):
         raise UserError(f"data file {path}: not found")
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as archive:  # fh: closed even if np.load fails
             missing = [k for k in ("x", "y") if k not in archive.files]
             if missing:
                 raise UserError(f"data file {path}: no array named {' or '.join(repr(k) for k in missing)} "
@@ -88,14 +99,19 @@ def load_npz(path: str, n_classes: int | None = None) -> Dataset:
             x, y = archive["x"], archive["y"]
     except UserError:
         raise
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise UserError(f"data file {path}: cannot be read as .npz ({exc})") from exc
     return _checked_arrays(x, y, n_classes, path)
 
 
 def _checked_arrays(x: np.ndarray, y: np.ndarray, n_classes: int | None, source: str) -> Dataset:
-    if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
-        raise UserError(f"data file {source}: x must be a numeric array of shape (N, D), got {x.dtype} {x.shape}")
+    real = np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
+    if x.ndim != 2 or not real or x.shape[1] < 1:
+        raise UserError(f"data file {source}: x must be a real-valued array of shape (N, D) with D >= 1, "
+                        f"got {x.dtype} {x.shape}")
+    if y.ndim not in (1, 2):
+        raise UserError(f"data file {source}: y must be (N,) integer labels or (N, K) float targets, "
+                        f"got {y.dtype} {y.shape}")
     if len(x) != len(y):
         raise UserError(f"data file {source}: x has {len(x)} rows but y has {len(y)}")
     if len(x) == 0:
@@ -104,10 +120,14 @@ def _checked_arrays(x: np.ndarray, y: np.ndarray, n_classes: int | None, source:
         raise UserError(f"data file {source}: x contains NaN or infinity")
     if y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
         k = int(y.max()) + 1 if n_classes is None else n_classes
+        if y.max() >= MAX_CLASSES:
+            raise UserError(f"data file {source}: label {y.max()} implies more than {MAX_CLASSES:,} classes")
         if y.min() < 0 or y.max() >= k:
             raise UserError(f"data file {source}: labels must lie in [0, {k}), found {y.min()}..{y.max()}")
         return Dataset(x.astype(np.float64), y.astype(np.int64), max(k, 2), source)
     if y.ndim == 2 and np.issubdtype(y.dtype, np.floating):
+        if y.shape[1] < 1:
+            raise UserError(f"data file {source}: regression targets y of shape {y.shape} have no column")
         if not np.isfinite(y).all():
             raise UserError(f"data file {source}: y contains NaN or infinity")
         return Dataset(x.astype(np.float64), y.astype(np.float64), None, source)

@@ -11,10 +11,22 @@ EXIT_TRAINING_FAILED = 3
 EXIT_REQUEUE = 75  # EX_TEMPFAIL from sysexits.h: "try again later"
 
 
+# Every character str.splitlines() breaks at, escaped as Python would write it.
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
+def one_line(text: str) -> str:
+    """A message fit for one line of a log: line breaks in user-given names are escaped."""
+    return text.translate(_LINE_BREAKS)
+
+
 class UserError(Exception):
     """Bad input (config, data file, option): shown as one line, exit status 2, nothing written."""
 
     exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(str(message)))
 
 
 class ExitQuietly(Exception):
@@ -33,6 +45,9 @@ class CollectiveError(Exception):
     """
 
     exit_code = EXIT_TRAINING_FAILED
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(str(message)))
 
 
 class DivergenceError(CollectiveError):

@@ -483,7 +483,7 @@ def valid_configs(draw):
             "path": draw(any_text.filter(bool) if name == "npz" else any_text),
             "val_fraction": draw(st.floats(min_value=0, max_value=1, exclude_max=True)),
             "shuffle": draw(st.booleans()),
-            "n_samples": draw(st.integers(2, 10**6)),
+            "n_samples": draw(st.integers(2, 10**4)),
             "n_features": draw(st.integers(1, 10**4)),
             "n_classes": draw(st.integers(2, 1000)),
         },
