@@ -181,4 +181,5 @@ def describe_incompatibility(checkpoint: Checkpoint, names_shapes: dict[str, tup
     problems += describe_mismatch(names_shapes, saved)
     if not problems:
         return None
-    return f"checkpoint {checkpoint.path} does not match the model of the config (checkpoint vs config): " + "; ".join(problems)
+    return (f"checkpoint {checkpoint.path} does not match the model of the config (checkpoint vs config): "
+            + "; ".join(problems))

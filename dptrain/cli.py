@@ -228,7 +228,8 @@ def _train(comm, config_path, overrides, out, overwrite, resume, debug=False) ->
     if comm.rank == 0:
         last = trainer.last_metrics
         summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("val_loss", "val_accuracy", "val_rmse") if k in last)
-        click.echo(f"done in {time.perf_counter() - t0:.1f} s: {summary or 'train_loss %.4f' % last.get('train_loss', math.nan)}; "
+        summary = summary or f"train_loss {last.get('train_loss', math.nan):.4f}"
+        click.echo(f"done in {time.perf_counter() - t0:.1f} s: {summary}; "
                    f"checkpoint {trainer.last_checkpoint}")
 
 

@@ -210,4 +210,5 @@ def make_comm(kind: str | None = None):
     try:
         return MPIComm()
     except ImportError as exc:
-        raise UserError(f"MPI requested but mpi4py cannot be loaded ({exc}); install dptrain[mpi] or your site's MPI") from exc
+        raise UserError(f"MPI requested but mpi4py cannot be loaded ({exc}); "
+                        f"install dptrain[mpi] or build mpi4py against your site's MPI") from exc

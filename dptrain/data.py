@@ -131,7 +131,8 @@ def _checked_arrays(x: np.ndarray, y: np.ndarray, n_classes: int | None, source:
         if not np.isfinite(y).all():
             raise UserError(f"data file {source}: y contains NaN or infinity")
         return Dataset(x.astype(np.float64), y.astype(np.float64), None, source)
-    raise UserError(f"data file {source}: y must be (N,) integer labels or (N, K) float targets, got {y.dtype} {y.shape}")
+    raise UserError(f"data file {source}: y must be (N,) integer labels or (N, K) float targets, "
+                    f"got {y.dtype} {y.shape}")
 
 
 def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -35,7 +35,8 @@ class SGD:
         if nesterov and momentum == 0:
             raise ValueError("nesterov needs momentum > 0")
         self.params, self.grads = params, grads
-        self.lr, self.momentum, self.nesterov, self.weight_decay = float(lr), float(momentum), bool(nesterov), float(weight_decay)
+        self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
+        self.nesterov = bool(nesterov)
         self.momentum_buffer = np.zeros_like(params)
         self._decayed = np.empty_like(params) if self.weight_decay else None
         self._direction = np.empty_like(params)

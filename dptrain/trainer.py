@@ -393,4 +393,4 @@ def _data_fingerprint(dataset: Dataset | None) -> bytes:
     n = len(dataset)
     rows = np.unique(np.linspace(0, n - 1, num=min(n, _FINGERPRINT_ROWS)).astype(np.int64)) if n else np.arange(0)
     head = f"{n} {dataset.x.shape} {dataset.x.dtype} {dataset.y.shape} {dataset.y.dtype} {dataset.n_classes}"
-    return head.encode() + np.ascontiguousarray(dataset.x[rows]).tobytes() + np.ascontiguousarray(dataset.y[rows]).tobytes()
+    return head.encode() + dataset.x[rows].tobytes() + dataset.y[rows].tobytes()

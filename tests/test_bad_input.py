@@ -29,9 +29,9 @@ from dptrain.errors import UserError
 from helpers import dptrain, needs_mpiexec
 
 if sys.version_info >= (3, 11):
-    import tomllib
+    pass
 else:  # pragma: no cover
-    import tomli as tomllib
+    pass
 
 FAST = ["--set", "train.epochs=1", "--set", "model.hidden=[8]"]
 SYNTHETIC = ["--set", "data.name=synthetic", "--set", "data.n_samples=40"]

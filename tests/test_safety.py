@@ -14,7 +14,7 @@ from dptrain.checkpoint import load_checkpoint, step_dirs
 from dptrain.cli import main
 from dptrain.data import make_synthetic
 from dptrain.errors import DivergenceError
-from helpers import MPIEXEC, dptrain, needs_mpiexec, run
+from helpers import MPIEXEC, needs_mpiexec, run
 
 
 def test_exploding_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
