@@ -142,6 +142,8 @@ class Trainer:
         self._signals = StopOnSignal()
         self._control = np.zeros(2, dtype=np.float64)  # [loss sum, stop requests], summed per step
         self._agreed = False  # check_agreement() has passed
+        #: seconds spent in (forward + loss, backward, gradient exchange, optimizer) since the last reset
+        self.phase_seconds = np.zeros(4)
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -152,6 +154,8 @@ class Trainer:
         same on every rank. A non-finite loss or gradient raises DivergenceError on every rank
         (or skips the update with on_nan = "skip").
         """
+        clock = time.perf_counter
+        t0 = clock()
         local = shard(batch_indices, self.comm.rank, self.comm.size)
         x, y = self.train_data.x[local], self.train_data.y[local]
         z = self.model.forward(x, train=True)
@@ -159,17 +163,21 @@ class Trainer:
         control = self._control
         control[0], control[1] = loss_sum, float(self._signals.requested)  # [1] sums to the ranks asking
         pending = self.comm.iallreduce_sum(control)
+        t1 = clock()
         self.model.backward(dz)
+        t2 = clock()
         grads = self.comm.allreduce_sum(self.model.grad_buffer)
         pending.wait()
+        t3 = clock()
         grads /= len(batch_indices)
         global_loss, stop = float(control[0]), int(control[1])
         problem = self._non_finite(global_loss)
         if problem is None:
             self.optimizer.step()
-        elif self.on_nan == "skip":
+        self.phase_seconds += (t1 - t0, t2 - t1, t3 - t2, clock() - t3)
+        if problem is not None and self.on_nan == "skip":
             self.skipped_steps += 1
-        else:
+        elif problem is not None:
             raise DivergenceError(f"{problem} at step {self.step + 1} (epoch {self.epoch + 1}); "
                                   f"no checkpoint written for it (set train.on_nan = \"skip\" to skip such steps)")
         return global_loss, int(stop)
