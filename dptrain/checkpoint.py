@@ -108,8 +108,10 @@ def save_checkpoint(checkpoint_root: str | Path, step: int, model: dict[str, np.
     os.replace(link_tmp, root / "latest")
     _fsync_dir(root)
     for old in step_dirs(root)[:-keep]:
-        if old != final:
-            shutil.rmtree(old)
+        if old != final:  # hide it first: a kill mid-delete must not leave a partial step-* folder
+            hidden = root / f".old-{old.name}-{os.getpid()}"
+            os.rename(old, hidden)
+            shutil.rmtree(hidden)
     return final
 
 

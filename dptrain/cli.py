@@ -24,12 +24,12 @@ import click
 
 from . import __version__
 from .build import build_loss, build_model, build_optimizer, load_dataset, train_val_split
-from .checkpoint import (Checkpoint, clean_stale_temporaries, describe_incompatibility, load_checkpoint,
-                         step_dirs)
+from .checkpoint import Checkpoint, clean_stale_temporaries, describe_incompatibility, load_checkpoint, step_dirs
 from .comm import make_comm
 from .config import config_from_dict, load_config
 from .errors import EXIT_REQUEUE, CollectiveError, ExitQuietly, UserError
 from .launcher import build_command, find_mpiexec, limit_threads_in_process, thread_environment
+from .signals import StopOnSignal
 from .trainer import CheckpointPolicy, Trainer, evaluate
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -157,9 +157,9 @@ def train(config_path, overrides, out, overwrite, resume, comm_kind="auto", debu
     75 stopped by SIGTERM/SIGUSR1/SIGINT after writing a checkpoint (requeue with --resume auto).
     """
     comm = make_comm(comm_kind)
-    with comm.fail_fast():
+    with comm.fail_fast(), StopOnSignal() as stop_signals:  # from the start: a signal in set-up stops at step 1
         try:
-            _train(comm, config_path, overrides, out, overwrite, resume, debug)
+            _train(comm, config_path, overrides, out, overwrite, resume, debug, stop_signals)
         except CollectiveError as exc:  # raised by every rank at the same step
             if debug:
                 raise
@@ -168,7 +168,7 @@ def train(config_path, overrides, out, overwrite, resume, comm_kind="auto", debu
             raise ExitQuietly(exc.exit_code) from None
 
 
-def _train(comm, config_path, overrides, out, overwrite, resume, debug=False) -> None:
+def _train(comm, config_path, overrides, out, overwrite, resume, debug, stop_signals) -> None:
     if comm.is_mpi:
         limit_threads_in_process(comm.local_size)
     error, out_dir = None, None
@@ -212,7 +212,8 @@ def _train(comm, config_path, overrides, out, overwrite, resume, debug=False) ->
                       epochs=config.train.epochs, seed=config.seed, shuffle=config.data.shuffle, comm=comm,
                       out_dir=out_dir, checkpoint=CheckpointPolicy(c.every_steps, c.every_epochs, c.keep),
                       config=config.to_dict(), on_nan=config.train.on_nan,
-                      check_sync_every=config.train.check_sync_every, log=click.echo)
+                      check_sync_every=config.train.check_sync_every, stop_on_signals=stop_signals,
+                      log=click.echo)
     if trainer.resume(checkpoint) and comm.rank == 0:
         click.echo(f"resuming from {checkpoint.path} (step {trainer.step}, epoch {trainer.epoch}, "
                    f"written by {checkpoint.meta.get('world_size')} rank(s))")

@@ -101,7 +101,8 @@ class Trainer:
         compared across ranks before step 0.
     on_nan : "error" stops at a NaN/inf loss or gradient (DivergenceError); "skip" skips that update.
     check_sync_every : compare a checksum of the parameters across ranks every N steps; 0: each epoch.
-    stop_on_signals : stop at the next step boundary on SIGTERM, SIGUSR1 or SIGINT (main thread only).
+    stop_on_signals : stop at the next step boundary on SIGTERM, SIGUSR1 or SIGINT (main thread only);
+        pass a :class:`StopOnSignal` already entered to also catch signals that arrive before fit().
     log : called with one line per epoch, on rank 0 only.
     """
 
@@ -109,7 +110,7 @@ class Trainer:
                  val_data: Dataset | None = None, *, batch_size: int, epochs: int, seed: int = 0,
                  shuffle: bool = True, comm=None, out_dir: str | Path | None = None,
                  checkpoint: CheckpointPolicy = CheckpointPolicy(), config: dict | None = None,
-                 on_nan: str = "error", check_sync_every: int = 0, stop_on_signals: bool = True,
+                 on_nan: str = "error", check_sync_every: int = 0, stop_on_signals: bool | StopOnSignal = True,
                  callbacks: Sequence[Callback] = (), log: Callable[[str], None] | None = print) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -139,7 +140,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.stopped = False  # fit() returned early because a stop signal reached some rank
         self.stop_requests = 0  # how many ranks had received a stop signal when it stopped
-        self._signals = StopOnSignal()
+        self._signals = stop_on_signals if isinstance(stop_on_signals, StopOnSignal) else StopOnSignal()
         self._control = np.zeros(2, dtype=np.float64)  # [loss sum, stop requests], summed per step
         self._agreed = False  # check_agreement() has passed
         #: seconds spent in (forward + loss, backward, gradient exchange, optimizer) since the last reset
@@ -301,6 +302,7 @@ class Trainer:
                     if stop:
                         self.stopped, self.stop_requests = True, stop
                         break
+                    self._signals.arm_default()
                     # a step checkpoint at the end of an epoch waits for the epoch's metrics (below)
                     if self._due(policy.every_steps, self.step) and k < self.steps_per_epoch - 1:
                         self.save_checkpoint()

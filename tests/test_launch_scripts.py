@@ -1,4 +1,5 @@
-"""The batch scripts in launch/: syntax, the command they build, and real runs under a fake scheduler.
+"""The batch scripts in launch/: syntax, the command they build, how they handle the scheduler's
+signals and dptrain's exit status 75 (requeue), and real runs under a fake scheduler.
 
 The end-to-end tests run the scripts with bash on this machine, with the variables Slurm or PBS
 would set, 2 MPI ranks started by the local mpiexec (Slurm's srun is a stub that calls mpiexec).
@@ -8,9 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -140,7 +143,7 @@ def test_slurm_command_with_srun(tmp_path: Path):
     assert result.returncode == 7, result.stderr  # the launcher's exit status is the job's
     argv, threads = _recorded(log)
     assert argv == [shutil.which("dptrain", path=env["PATH"]), "train", "--config", "my config.toml", "--out", "out dir",
-                    "--set", "train.epochs=3", "a  b"]
+                    "--resume", "auto", "--set", "train.epochs=3", "a  b"]
     assert threads == ["3", "3", "5"]  # SLURM_CPUS_PER_TASK, unless already set
 
 
@@ -155,7 +158,7 @@ def test_slurm_command_with_mpiexec_and_defaults(tmp_path: Path):
     assert result.returncode == 0, result.stderr
     argv, threads = _recorded(log)
     assert argv == ["-n", "2", "python3", "-m", "dptrain", "train", "--config", "configs/digits_mlp.toml",
-                    "--out", "runs/slurm-4242"]
+                    "--out", "runs/slurm-4242", "--resume", "auto"]
     assert threads == ["1", "1", "1"]
 
 
@@ -176,7 +179,7 @@ def test_pbs_command(tmp_path: Path):
     argv, threads = _recorded(log)
     dptrain = shutil.which("dptrain", path=env["PATH"])
     assert argv == ["-n", "2", "-hostfile", str(tmp_path / "nodefile"), dptrain, "train",
-                    "--out", "runs/pbs-77.pbsserver", "--set", "x=$(y)"]
+                    "--out", "runs/pbs-77.pbsserver", "--resume", "auto", "--set", "x=$(y)"]
     assert threads == ["2", "2", "2"]
 
     env.update(DPTRAIN_HOSTFILE_FLAG="", DPTRAIN_NP="3")
@@ -190,6 +193,147 @@ def test_pbs_without_nodefile_is_refused(tmp_path: Path):
     result = _run(PBS, _base_env(), tmp_path)
     assert result.returncode == 2
     assert "PBS_NODEFILE" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Exit status 75 and signals, with a stub launcher (no MPI)
+
+
+def _signal_recorder(stub_dir: Path, name: str, log: Path, exit_code: int = 0) -> Path:
+    """A stub launcher: on SIGUSR1/SIGTERM it appends the signal's name to log, then exits with 75
+    0.3 s later (the checkpoint); without a signal it exits with exit_code. It creates log.ready
+    once its traps are set."""
+    return _write_executable(stub_dir / name, f"""#!/bin/bash
+trap 'echo USR1 >> "{log}"; sleep 0.3; exit 75' USR1
+trap 'echo TERM >> "{log}"; sleep 0.3; exit 75' TERM
+: > '{log}.ready'
+for i in $(seq 200); do sleep 0.05; done
+exit {exit_code}
+""")
+
+
+def _requeue_recorder(stub_dir: Path, log: Path, exit_code: int = 0) -> Path:
+    return _write_executable(stub_dir / "requeue", f"""#!/bin/sh
+printf '%s\\0' "$@" > '{log}'
+exit {exit_code}
+""")
+
+
+def _start_and_signal(script: Path, env: dict[str, str], cwd: Path, log: Path, sig: signal.Signals | None,
+                      whole_job: bool = False) -> subprocess.CompletedProcess:
+    """Run script; once the stub launcher is ready, send sig to the batch shell (or, whole_job, to
+    every process of its session, as PBS does)."""
+    proc = subprocess.Popen(["bash", str(script)], env=env, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        if sig is not None:
+            deadline = time.monotonic() + 30
+            while not Path(f"{log}.ready").exists():
+                assert proc.poll() is None and time.monotonic() < deadline, "the stub launcher did not start"
+                time.sleep(0.01)
+            if whole_job:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _signals(log: Path) -> list[str]:
+    return log.read_text().split() if log.exists() else []
+
+
+@pytest.mark.parametrize("launcher", ["srun", "my-mpiexec"])
+def test_slurm_relays_usr1_and_requeues_on_75(tmp_path: Path, launcher: str):
+    stub_dir = tmp_path / "stub-bin"
+    stub_dir.mkdir()
+    log, requeued = tmp_path / "signals", tmp_path / "requeued"
+    _signal_recorder(stub_dir, launcher, log)
+    env = _slurm_env(stub_dir, DPTRAIN_MPIRUN=launcher, DPTRAIN_REQUEUE_CMD=str(_requeue_recorder(stub_dir, requeued)))
+    result = _start_and_signal(SLURM, env, tmp_path, log, signal.SIGUSR1)
+    assert result.returncode == 0, result.stderr  # requeued: the job did not fail
+    assert _signals(log) == ["USR1"]  # passed on once; the wait went on until the launcher's exit
+    assert requeued.read_text().split("\0")[:-1] == ["4242"]
+    assert "requeueing" in result.stderr
+
+
+@pytest.mark.parametrize("launcher, relayed", [("srun", "USR1"), ("my-mpiexec", "TERM")])
+def test_slurm_on_sigterm_relays_but_does_not_requeue(tmp_path: Path, launcher: str, relayed: str):
+    # srun would answer SIGTERM with SIGKILL to its tasks: it gets USR1 instead. A SIGTERM means
+    # scancel, preemption or shutdown: Slurm decides what happens to the job, no requeue here.
+    stub_dir = tmp_path / "stub-bin"
+    stub_dir.mkdir()
+    log, requeued = tmp_path / "signals", tmp_path / "requeued"
+    _signal_recorder(stub_dir, launcher, log)
+    env = _slurm_env(stub_dir, DPTRAIN_MPIRUN=launcher, DPTRAIN_REQUEUE_CMD=str(_requeue_recorder(stub_dir, requeued)))
+    result = _start_and_signal(SLURM, env, tmp_path, log, signal.SIGTERM)
+    assert result.returncode == 75, result.stderr
+    assert _signals(log) == [relayed]
+    assert not requeued.exists()
+    assert "not requeued" in result.stderr
+
+
+@pytest.mark.parametrize("launcher_exit, requeue_exit, expected", [(75, 0, 0), (75, 1, 75), (3, 0, 3), (0, 0, 0)])
+def test_slurm_exit_status(tmp_path: Path, launcher_exit: int, requeue_exit: int, expected: int):
+    stub_dir = tmp_path / "stub-bin"
+    stub_dir.mkdir()
+    requeued = tmp_path / "requeued"
+    _recorder(stub_dir, "srun", tmp_path / "argv", exit_code=launcher_exit)
+    env = _slurm_env(stub_dir, DPTRAIN_REQUEUE_CMD=str(_requeue_recorder(stub_dir, requeued, requeue_exit)))
+    result = _run(SLURM, env, tmp_path)
+    assert result.returncode == expected, result.stderr
+    assert requeued.exists() == (launcher_exit == 75)
+
+
+def test_pbs_waits_without_relaying_and_resubmits_the_same_run(tmp_path: Path):
+    # PBS signals every process of the job's session, mpiexec included: the shell must not pass the
+    # signal on a second time (dptrain takes a second signal as "quit at once").
+    stub_dir = tmp_path / "stub-bin"
+    stub_dir.mkdir()
+    log, resubmitted = tmp_path / "signals", tmp_path / "resubmitted"
+    launcher = _signal_recorder(stub_dir, "mpiexec", log)
+    out = tmp_path / "runs" / "a,b"  # a comma: quoted for qsub -v
+    out.mkdir(parents=True)
+    (out / "config.toml").write_text("")  # the resolved config dptrain writes into the run folder
+    env = _pbs_env(tmp_path, str(launcher), DPTRAIN_OUT="runs/a,b", DPTRAIN_HOSTFILE_FLAG="",
+                   DPTRAIN_REQUEUE_CMD=f"{_requeue_recorder(stub_dir, resubmitted)} -l walltime=2:00:00")
+    # DPTRAIN_PBS_SCRIPT defaults to launch/pbs.sh in the submit folder, missing here: not resubmitted.
+    result = _start_and_signal(PBS, env, tmp_path, log, signal.SIGTERM, whole_job=True)
+    assert result.returncode == 75, result.stderr
+    assert _signals(log) == ["TERM"]  # once, from "PBS"
+    assert f"{tmp_path / 'launch' / 'pbs.sh'} not found" in result.stderr
+    assert not resubmitted.exists()
+
+    log.unlink()
+    Path(f"{log}.ready").unlink()
+    env["DPTRAIN_PBS_SCRIPT"] = str(PBS)
+    result = _start_and_signal(PBS, env, tmp_path, log, signal.SIGTERM, whole_job=True)
+    assert result.returncode == 0, result.stderr
+    assert _signals(log) == ["TERM"]
+    argv = resubmitted.read_text().split("\0")[:-1]
+    variables = ("DPTRAIN_CONFIG='runs/a,b/config.toml',DPTRAIN_OUT='runs/a,b',"
+                 f"DPTRAIN_MPIRUN={launcher},DPTRAIN_HOSTFILE_FLAG=,DPTRAIN_PBS_SCRIPT={PBS},"
+                 f"DPTRAIN_REQUEUE_CMD={env['DPTRAIN_REQUEUE_CMD']}")
+    assert argv == ["-l", "walltime=2:00:00", "-v", variables, str(PBS)]
+
+
+@pytest.mark.parametrize("launcher_exit, resubmit_exit, expected", [(75, 0, 0), (75, 1, 75), (1, 0, 1)])
+def test_pbs_exit_status(tmp_path: Path, launcher_exit: int, resubmit_exit: int, expected: int):
+    stub_dir = tmp_path / "stub-bin"
+    stub_dir.mkdir()
+    resubmitted = tmp_path / "resubmitted"
+    launcher = _recorder(stub_dir, "mpiexec", tmp_path / "argv", exit_code=launcher_exit)
+    env = _pbs_env(tmp_path, str(launcher), DPTRAIN_CONFIG="my.toml", DPTRAIN_PBS_SCRIPT=str(PBS),
+                   DPTRAIN_REQUEUE_CMD=str(_requeue_recorder(stub_dir, resubmitted, resubmit_exit)))
+    result = _run(PBS, env, ROOT)
+    assert result.returncode == expected, result.stderr
+    assert resubmitted.exists() == (launcher_exit == 75)
+    if launcher_exit == 75:  # no config.toml in the run folder: the config the job was given
+        assert resubmitted.read_text().split("\0")[1].startswith("DPTRAIN_CONFIG=my.toml,DPTRAIN_OUT=runs/pbs-77.pbsserver,")
 
 
 # ---------------------------------------------------------------------------------------------
