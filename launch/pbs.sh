@@ -40,8 +40,8 @@
 # written within it. mpiexec, in that session, relays the SIGTERM to every rank; dptrain stops
 # after the current step, writes a checkpoint and exits with 75. This shell traps SIGTERM and
 # SIGUSR1 (`qsig -s USR1 JOBID` also stops the run) only to stay alive: it does not pass them on,
-# since mpiexec got them from PBS already and a second signal makes dptrain quit at once, without
-# a checkpoint. Signal the job (qdel, qsig), not this shell alone.
+# since mpiexec got them from PBS already (dptrain ignores a repeat within 0.5 s, but a later one
+# makes it quit at once, without a checkpoint). Signal the job (qdel, qsig), not this shell alone.
 # On 75 the script submits a new job that continues the SAME run folder (qsub -v with DPTRAIN_OUT
 # and DPTRAIN_CONFIG=DPTRAIN_OUT/config.toml, the run's resolved config: the arguments given to
 # this script are not passed on, but their --set values are in that config) and exits 0.
