@@ -46,6 +46,10 @@ class Dataset:
     def n_outputs(self) -> int:
         return self.n_classes if self.n_classes is not None else self.y.shape[1]
 
+    def take(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``indices`` as (x of shape (n, D), y): what a rank reads for its shard of a batch."""
+        return self.x[indices], self.y[indices]
+
     def subset(self, indices: np.ndarray) -> "Dataset":
         return Dataset(self.x[indices], self.y[indices], self.n_classes, self.source)
 

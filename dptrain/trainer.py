@@ -70,8 +70,8 @@ def evaluate(model: Sequential, loss: Loss, dataset: Dataset, comm=None) -> dict
     sums = np.zeros(3, dtype=np.float64)  # loss sum, correct count, sample count
     for start in range(0, len(mine), EVAL_CHUNK):
         idx = mine[start : start + EVAL_CHUNK]
-        z = model.forward(dataset.x[idx], train=False)
-        y = dataset.y[idx]
+        x, y = dataset.take(idx)
+        z = model.forward(x, train=False)
         sums[0] += loss.value(z, y)
         if loss.task == "classification":
             sums[1] += np.count_nonzero(z.argmax(axis=1) == y)
@@ -158,7 +158,7 @@ class Trainer:
         clock = time.perf_counter
         t0 = clock()
         local = shard(batch_indices, self.comm.rank, self.comm.size)
-        x, y = self.train_data.x[local], self.train_data.y[local]
+        x, y = self.train_data.take(local)
         z = self.model.forward(x, train=True)
         loss_sum, dz = self.loss.value_and_grad(z, y)
         control = self._control
@@ -403,4 +403,5 @@ def _data_fingerprint(dataset: Dataset | None) -> bytes:
     n = len(dataset)
     rows = np.unique(np.linspace(0, n - 1, num=min(n, _FINGERPRINT_ROWS)).astype(np.int64)) if n else np.arange(0)
     head = f"{n} {dataset.x.shape} {dataset.x.dtype} {dataset.y.shape} {dataset.y.dtype} {dataset.n_classes}"
-    return head.encode() + dataset.x[rows].tobytes() + dataset.y[rows].tobytes()
+    x, y = dataset.take(rows)
+    return head.encode() + x.tobytes() + y.tobytes()
