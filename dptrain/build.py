@@ -14,6 +14,7 @@ from .data import Dataset
 from .errors import UserError
 from .nn import ACTIVATIONS, LOSSES, Dense, Loss, Sequential
 from .optim import OPTIMIZERS
+from .trainer import CheckpointPolicy, Trainer
 
 _MODEL_INIT_STREAM = 10
 MAX_PARAMS = 2**31  # the flat buffers are indexed with int32 offsets by many BLAS builds
@@ -77,3 +78,14 @@ def build_optimizer(config: Config, model: Sequential):
     cls = OPTIMIZERS[o.name]
     return cls(model.param_buffer, model.grad_buffer, lr=o.lr, momentum=o.momentum,
                nesterov=o.nesterov, weight_decay=o.weight_decay)
+
+
+def build_trainer(config: Config, model: Sequential, loss: Loss, optimizer, train_set: Dataset,
+                  val_set: Dataset | None, comm, **options) -> Trainer:
+    """A Trainer with every training setting of ``config``; ``options`` go to Trainer as they are
+    (out_dir, stop_on_signals, callbacks, log)."""
+    c, t = config.checkpoint, config.train
+    return Trainer(model, loss, optimizer, train_set, val_set, batch_size=t.batch_size, epochs=t.epochs,
+                   seed=config.seed, shuffle=config.data.shuffle, comm=comm,
+                   checkpoint=CheckpointPolicy(c.every_steps, c.every_epochs, c.keep), config=config.to_dict(),
+                   on_nan=t.on_nan, check_sync_every=t.check_sync_every, **options)

@@ -23,14 +23,32 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .build import build_loss, build_model, build_optimizer, load_dataset, train_val_split
-from .checkpoint import Checkpoint, clean_stale_temporaries, describe_incompatibility, load_checkpoint, step_dirs
+from .build import (
+    build_loss,
+    build_model,
+    build_optimizer,
+    build_trainer,
+    load_dataset,
+    train_val_split,
+)
+from .checkpoint import (
+    Checkpoint,
+    clean_stale_temporaries,
+    describe_incompatibility,
+    load_checkpoint,
+    step_dirs,
+)
 from .comm import make_comm
 from .config import config_from_dict, load_config
 from .errors import EXIT_REQUEUE, CollectiveError, ExitQuietly, UserError
-from .launcher import build_command, find_mpiexec, limit_threads_in_process, thread_environment
+from .launcher import (
+    build_command,
+    find_mpiexec,
+    limit_threads_in_process,
+    thread_environment,
+)
 from .signals import StopOnSignal
-from .trainer import CheckpointPolicy, Trainer, evaluate
+from .trainer import evaluate
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -207,13 +225,8 @@ def _train(comm, config_path, overrides, out, overwrite, resume, debug, stop_sig
                    f"run folder {out_dir}")
         click.echo("resolved config:\n" + "\n".join("  " + line for line in config.to_toml().strip().splitlines()))
 
-    c = config.checkpoint
-    trainer = Trainer(model, loss, optimizer, train_set, val_set, batch_size=config.train.batch_size,
-                      epochs=config.train.epochs, seed=config.seed, shuffle=config.data.shuffle, comm=comm,
-                      out_dir=out_dir, checkpoint=CheckpointPolicy(c.every_steps, c.every_epochs, c.keep),
-                      config=config.to_dict(), on_nan=config.train.on_nan,
-                      check_sync_every=config.train.check_sync_every, stop_on_signals=stop_signals,
-                      log=click.echo)
+    trainer = build_trainer(config, model, loss, optimizer, train_set, val_set, comm, out_dir=out_dir,
+                            stop_on_signals=stop_signals, log=click.echo)
     if trainer.resume(checkpoint) and comm.rank == 0:
         click.echo(f"resuming from {checkpoint.path} (step {trainer.step}, epoch {trainer.epoch}, "
                    f"written by {checkpoint.meta.get('world_size')} rank(s))")
