@@ -165,7 +165,7 @@ class Trainer:
         control[0], control[1] = loss_sum, float(self._signals.requested)  # [1] sums to the ranks asking
         pending = self.comm.iallreduce_sum(control)
         t1 = clock()
-        self.model.backward(dz)
+        self.model.backward(dz, input_grad=False)
         t2 = clock()
         grads = self.comm.allreduce_sum(self.model.grad_buffer)
         pending.wait()
@@ -302,7 +302,6 @@ class Trainer:
                     if stop:
                         self.stopped, self.stop_requests = True, stop
                         break
-                    self._signals.arm_default()
                     # a step checkpoint at the end of an epoch waits for the epoch's metrics (below)
                     if self._due(policy.every_steps, self.step) and k < self.steps_per_epoch - 1:
                         self.save_checkpoint()

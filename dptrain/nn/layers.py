@@ -10,6 +10,10 @@ Every layer follows one contract (the local chain rule):
 
 Shapes: ``x`` is ``(batch, in_features)`` and ``y`` is ``(batch, out_features)``. A batch may be
 empty (a rank with no sample in a step); every layer handles ``batch == 0``.
+
+No allocation in the steady state: outputs and input gradients are written into workspaces
+allocated once per batch shape and reused, so an array returned by ``forward`` or ``backward`` is
+valid until the next call of the same method with the same shape (copy it to keep it).
 """
 
 from __future__ import annotations
@@ -29,6 +33,15 @@ class Layer:
     def __init__(self) -> None:
         self.params = {}
         self.grads = {}
+        self._workspaces: dict[tuple, np.ndarray] = {}
+
+    def workspace(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """A scratch array for ``name`` of this shape and dtype, allocated on first use, then reused."""
+        key = (name, shape, np.dtype(dtype).char)
+        array = self._workspaces.get(key)
+        if array is None:
+            array = self._workspaces[key] = np.empty(shape, dtype=dtype)
+        return array
 
     def param_shapes(self, in_features: int) -> dict[str, tuple[int, ...]]:
         """Shapes of the parameters this layer needs for an input of ``in_features`` columns."""
@@ -43,7 +56,8 @@ class Layer:
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
         raise NotImplementedError
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        """``input_grad=False``: the caller needs no dx (the first layer of a model); may return None."""
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -83,15 +97,18 @@ class Dense(Layer):
 
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
         self._x = x
-        y = x @ self.params["weight"]
+        y = self.workspace("y", (len(x), self.out_features), x.dtype)
+        np.matmul(x, self.params["weight"], out=y)
         y += self.params["bias"]
         return y
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         x = self._x
         np.matmul(x.T, dy, out=self.grads["weight"])
         np.sum(dy, axis=0, out=self.grads["bias"])
-        return dy @ self.params["weight"].T
+        if not input_grad:
+            return None  # the first layer: dx would cost a third of this layer's backward for nothing
+        return np.matmul(dy, self.params["weight"].T, out=self.workspace("dx", x.shape, dy.dtype))
 
     def describe(self) -> str:
         return f"Dense({self.out_features}, init={self.init})"
@@ -101,41 +118,45 @@ class ReLU(Layer):
     """Elementwise max(x, 0)."""
 
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
-        self._mask = x > 0
-        return np.maximum(x, 0)
+        self._y = np.maximum(x, 0, out=self.workspace("y", x.shape, x.dtype))
+        return self._y
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
-        return dy * self._mask
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray:
+        mask = np.greater(self._y, 0, out=self.workspace("mask", dy.shape, np.bool_))
+        return np.multiply(dy, mask, out=self.workspace("dx", dy.shape, dy.dtype))
 
 
 class Tanh(Layer):
     """Elementwise tanh; backward uses the cached output: dx = dy * (1 - y**2)."""
 
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
-        self._y = np.tanh(x)
+        self._y = np.tanh(x, out=self.workspace("y", x.shape, x.dtype))
         return self._y
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
-        y = self._y
-        return dy * (1 - y * y)
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray:
+        dx = np.multiply(self._y, self._y, out=self.workspace("dx", dy.shape, dy.dtype))
+        np.subtract(1, dx, out=dx)
+        dx *= dy
+        return dx
 
 
 class Sigmoid(Layer):
     """Elementwise logistic function; dx = dy * y * (1 - y)."""
 
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
-        # Split by sign so exp never overflows.
-        y = np.empty_like(x)
-        pos = x >= 0
-        y[pos] = 1 / (1 + np.exp(-x[pos]))
-        ex = np.exp(x[~pos])
-        y[~pos] = ex / (1 + ex)
+        # sigmoid(x) = (1 + tanh(x / 2)) / 2: no exp, so nothing overflows at any x.
+        y = np.multiply(x, 0.5, out=self.workspace("y", x.shape, x.dtype))
+        np.tanh(y, out=y)
+        y += 1
+        y *= 0.5
         self._y = y
         return y
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
-        y = self._y
-        return dy * y * (1 - y)
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray:
+        dx = np.subtract(1, self._y, out=self.workspace("dx", dy.shape, dy.dtype))
+        dx *= self._y
+        dx *= dy
+        return dx
 
 
 ACTIVATIONS: dict[str, type[Layer]] = {"relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid}

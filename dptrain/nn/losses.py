@@ -32,21 +32,34 @@ class SoftmaxCrossEntropy(Loss):
 
     task = "classification"
 
-    def _log_softmax(self, z: np.ndarray) -> np.ndarray:
-        shifted = z - z.max(axis=1, keepdims=True) if len(z) else z
-        return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    def __init__(self) -> None:
+        self._workspaces: dict[tuple, np.ndarray] = {}
+
+    def _exp_shifted(self, z: np.ndarray, use: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(shifted = z - max, exp(shifted), row sums), the first two in workspaces reused per ``use``."""
+        key = (use, z.shape, z.dtype.char)
+        if key not in self._workspaces:
+            self._workspaces[key] = (np.empty_like(z), np.empty_like(z))
+        shifted, e = self._workspaces[key]
+        if len(z):
+            np.subtract(z, z.max(axis=1, keepdims=True), out=shifted)
+        np.exp(shifted, out=e)
+        return shifted, e, e.sum(axis=1, keepdims=True)
+
+    def _loss_sum(self, shifted: np.ndarray, sums: np.ndarray, y: np.ndarray) -> float:
+        # sum_i logsumexp(z_i) - z_i[y_i], with the max shift cancelling out
+        return float(np.log(sums).sum(dtype=np.float64) - shifted[np.arange(len(y)), y].sum(dtype=np.float64))
 
     def value_and_grad(self, z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-        logp = self._log_softmax(z)
-        rows = np.arange(len(y))
-        loss = -float(logp[rows, y].sum(dtype=np.float64))
-        dz = np.exp(logp)
-        dz[rows, y] -= 1
+        shifted, dz, sums = self._exp_shifted(z, "grad")  # dz stays valid across value() calls
+        loss = self._loss_sum(shifted, sums, y)
+        dz /= sums  # softmax, in place of the exponentials
+        dz[np.arange(len(y)), y] -= 1
         return loss, dz
 
     def value(self, z: np.ndarray, y: np.ndarray) -> float:
-        logp = self._log_softmax(z)
-        return -float(logp[np.arange(len(y)), y].sum(dtype=np.float64))
+        shifted, _, sums = self._exp_shifted(z, "value")
+        return self._loss_sum(shifted, sums, y)
 
 
 class MeanSquaredError(Loss):

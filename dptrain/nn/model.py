@@ -7,6 +7,7 @@ therefore one call over one array, and the optimizer updates one array in place.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -61,6 +62,8 @@ class Sequential:
             ParamSpec(name, i, key, shape, off, size)
             for (name, i, key, shape), off, size in zip(specs, offsets, sizes)
         ]
+        self._first_param_layer = self.param_specs[0].layer_index if self.param_specs else len(self.layers)
+        self._can_skip_dx = ["input_grad" in inspect.signature(layer.backward).parameters for layer in self.layers]
         for spec in self.param_specs:
             layer = self.layers[spec.layer_index]
             layer.params[spec.key] = self._view(self.param_buffer, spec)
@@ -81,11 +84,19 @@ class Sequential:
             x = layer.forward(x, train)
         return x
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
-        """dy : (batch, out_features), the gradient of the loss SUM; overwrites grad_buffer."""
-        for layer in reversed(self.layers):
-            dy = layer.backward(dy)
-        return dy
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        """dy : (batch, out_features), the gradient of the loss SUM; overwrites grad_buffer.
+
+        Returns dx of shape (batch, in_features); ``input_grad=False`` (training) skips the work
+        that only dx needs: the layers before the first one with parameters, and that layer's dx.
+        """
+        first = 0 if input_grad else self._first_param_layer
+        for i in range(len(self.layers) - 1, first - 1, -1):
+            if i == first and not input_grad and self._can_skip_dx[i]:
+                self.layers[i].backward(dy, input_grad=False)
+            else:  # a user's layer may implement backward(dy) only
+                dy = self.layers[i].backward(dy)
+        return dy if input_grad else None
 
     def named_params(self) -> dict[str, np.ndarray]:
         """name -> view of the parameter, e.g. {"layers.0.weight": (in, out) array, ...}."""
