@@ -88,4 +88,5 @@ def build_trainer(config: Config, model: Sequential, loss: Loss, optimizer, trai
     return Trainer(model, loss, optimizer, train_set, val_set, batch_size=t.batch_size, epochs=t.epochs,
                    seed=config.seed, shuffle=config.data.shuffle, comm=comm,
                    checkpoint=CheckpointPolicy(c.every_steps, c.every_epochs, c.keep), config=config.to_dict(),
-                   on_nan=t.on_nan, check_sync_every=t.check_sync_every, **options)
+                   on_nan=t.on_nan, check_sync_every=t.check_sync_every, accumulate=t.accumulate,
+                   bucket_mb=config.comm.bucket_mb, compression=config.comm.compression, **options)

@@ -45,6 +45,9 @@ class _Done:
     def wait(self) -> None:
         pass
 
+    def test(self) -> bool:
+        return True
+
 
 _DONE = _Done()
 
@@ -57,6 +60,10 @@ class _Pending:
 
     def wait(self) -> None:
         self._request.Wait()
+
+    def test(self) -> bool:
+        """Drive MPI's progress engine (nothing else does without an async progress thread)."""
+        return self._request.Test()
 
 
 class SingleProcessComm:
@@ -83,6 +90,11 @@ class SingleProcessComm:
     def allgather(self, values: np.ndarray) -> np.ndarray:
         """values : (k,) on each rank -> (size, k), row r holding rank r's values."""
         return values.reshape(1, -1).copy()
+
+    def alltoall(self, send: np.ndarray, recv: np.ndarray) -> np.ndarray:
+        """send, recv : (size * k,); block j of send goes to rank j, block i of recv came from rank i."""
+        recv[...] = send
+        return recv
 
     def broadcast_text(self, text: str, root: int = 0) -> str:
         return text
@@ -137,6 +149,10 @@ class MPIComm:
         out = np.empty((self.size, values.size), dtype=values.dtype)
         self.comm.Allgather(np.ascontiguousarray(values), out)
         return out
+
+    def alltoall(self, send: np.ndarray, recv: np.ndarray) -> np.ndarray:
+        self.comm.Alltoall(send, recv)
+        return recv
 
     def broadcast_text(self, text: str, root: int = 0) -> str:
         data = np.frombuffer(text.encode(), dtype=np.uint8) if self.rank == root else None

@@ -26,6 +26,7 @@ ACTIVATION_NAMES = ("relu", "tanh", "sigmoid")
 LOSS_NAMES = ("cross_entropy", "mse")
 OPTIMIZER_NAMES = ("sgd",)
 DTYPES = ("float32", "float64")
+COMPRESSIONS = ("none", "fp16")
 MAX_WIDTH = 2**20  # layer widths, features and classes: beyond this a typo, not a model
 MAX_SYNTHETIC_VALUES = 2**28  # 2 GiB of float64 synthetic features
 
@@ -55,6 +56,7 @@ class TrainConfig:
     loss: str = "cross_entropy"  # cross_entropy (integer labels) | mse (float targets)
     on_nan: str = "error"  # error: stop at a NaN/inf loss or gradient | skip: skip that update
     check_sync_every: int = 0  # compare the ranks' parameters every N steps; 0 = each epoch
+    accumulate: int = 1  # micro-batches per optimizer step (gradients exchanged once per step)
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,13 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
+    shard: bool = False  # ZeRO stage 1: each rank keeps and updates 1/world of the optimizer state
+
+
+@dataclass(frozen=True)
+class CommConfig:
+    bucket_mb: float = 4.0  # gradient buckets exchanged while backward goes on; 0 = one exchange after backward
+    compression: str = "none"  # none | fp16 (half the bytes; sums accumulate in the training dtype)
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -273,6 +283,11 @@ def validate(config: Config, where: str = "config") -> None:
         fail("optim.nesterov", "needs optim.momentum > 0")
     if not (o.weight_decay >= 0 and math.isfinite(o.weight_decay)):
         fail("optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    if t.accumulate < 1:
+        fail("train.accumulate", f"must be >= 1, got {t.accumulate}")
+    if not (config.comm.bucket_mb >= 0 and math.isfinite(config.comm.bucket_mb)):
+        fail("comm.bucket_mb", f"must be >= 0, got {config.comm.bucket_mb}")
+    choose("comm.compression", config.comm.compression, COMPRESSIONS)
     if c.every_steps < 0:
         fail("checkpoint.every_steps", f"must be >= 0, got {c.every_steps}")
     if c.every_epochs < 0:

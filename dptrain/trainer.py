@@ -33,6 +33,7 @@ from .checkpoint import Checkpoint, save_checkpoint
 from .comm import SingleProcessComm
 from .data import Dataset, epoch_order, global_batch, shard, steps_per_epoch
 from .errors import DesyncError, DivergenceError, MismatchError
+from .exchange import GradientExchange
 from .nn import Loss, Sequential
 from .signals import StopOnSignal
 
@@ -101,6 +102,9 @@ class Trainer:
         compared across ranks before step 0.
     on_nan : "error" stops at a NaN/inf loss or gradient (DivergenceError); "skip" skips that update.
     check_sync_every : compare a checksum of the parameters across ranks every N steps; 0: each epoch.
+    accumulate : micro-batches per optimizer step: each rank's share of a global batch is processed in
+        ``accumulate`` parts whose gradients are summed, then exchanged once (less memory per pass).
+    bucket_mb, compression : how gradients are exchanged (see :mod:`dptrain.exchange`).
     stop_on_signals : stop at the next step boundary on SIGTERM, SIGUSR1 or SIGINT (main thread only);
         pass a :class:`StopOnSignal` already entered to also catch signals that arrive before fit().
     log : called with one line per epoch, on rank 0 only.
@@ -110,7 +114,8 @@ class Trainer:
                  val_data: Dataset | None = None, *, batch_size: int, epochs: int, seed: int = 0,
                  shuffle: bool = True, comm=None, out_dir: str | Path | None = None,
                  checkpoint: CheckpointPolicy = CheckpointPolicy(), config: dict | None = None,
-                 on_nan: str = "error", check_sync_every: int = 0, stop_on_signals: bool | StopOnSignal = True,
+                 on_nan: str = "error", check_sync_every: int = 0, accumulate: int = 1,
+                 bucket_mb: float = 4.0, compression: str = "none", stop_on_signals: bool | StopOnSignal = True,
                  callbacks: Sequence[Callback] = (), log: Callable[[str], None] | None = print) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -120,6 +125,8 @@ class Trainer:
             raise ValueError(f"on_nan must be 'error' or 'skip', got {on_nan!r}")
         if check_sync_every < 0:
             raise ValueError(f"check_sync_every must be >= 0, got {check_sync_every}")
+        if accumulate < 1:
+            raise ValueError(f"accumulate must be >= 1, got {accumulate}")
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.train_data, self.val_data = train_data, val_data if val_data is not None and len(val_data) else None
         self.batch_size, self.epochs, self.seed, self.shuffle = batch_size, epochs, seed, shuffle
@@ -127,7 +134,9 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.checkpoint_policy = checkpoint
         self.config = config or {}
-        self.on_nan, self.check_sync_every = on_nan, check_sync_every
+        self.on_nan, self.check_sync_every, self.accumulate = on_nan, check_sync_every, accumulate
+        self.exchange = GradientExchange(self.comm, model, int(bucket_mb * 2**20), compression)
+        self._grad_sum = np.zeros_like(model.grad_buffer) if accumulate > 1 else None
         self.stop_on_signals = stop_on_signals
         self.callbacks = list(callbacks)
         self._log = log if self.comm.rank == 0 else None
@@ -156,21 +165,38 @@ class Trainer:
         (or skips the update with on_nan = "skip").
         """
         clock = time.perf_counter
-        t0 = clock()
         local = shard(batch_indices, self.comm.rank, self.comm.size)
-        x, y = self.train_data.take(local)
-        z = self.model.forward(x, train=True)
-        loss_sum, dz = self.loss.value_and_grad(z, y)
-        control = self._control
-        control[0], control[1] = loss_sum, float(self._signals.requested)  # [1] sums to the ranks asking
-        pending = self.comm.iallreduce_sum(control)
-        t1 = clock()
-        self.model.backward(dz, input_grad=False)
-        t2 = clock()
-        grads = self.comm.allreduce_sum(self.model.grad_buffer)
+        if self.accumulate == 1:
+            t0 = clock()
+            x, y = self.train_data.take(local)
+            z = self.model.forward(x, train=True)
+            loss_sum, dz = self.loss.value_and_grad(z, y)
+            pending = self._post_control(loss_sum)
+            t1 = clock()
+            self.model.backward(dz, input_grad=False, after_layer=self.exchange.layer_done)
+            t2 = clock()
+        else:
+            t0, loss_sum, forward_s = clock(), 0.0, 0.0
+            for k, part in enumerate(np.array_split(local, self.accumulate)):
+                tf = clock()
+                x, y = self.train_data.take(part)
+                z = self.model.forward(x, train=True)
+                part_loss, dz = self.loss.value_and_grad(z, y)
+                loss_sum += part_loss
+                forward_s += clock() - tf
+                self.model.backward(dz, input_grad=False)
+                if k == 0:
+                    self._grad_sum[...] = self.model.grad_buffer
+                else:
+                    self._grad_sum += self.model.grad_buffer
+            self.model.grad_buffer[...] = self._grad_sum
+            pending = self._post_control(loss_sum)
+            t2 = clock()
+            t1 = t0 + forward_s
+        self.exchange.finish(len(batch_indices))
         pending.wait()
         t3 = clock()
-        grads /= len(batch_indices)
+        control = self._control
         global_loss, stop = float(control[0]), int(control[1])
         problem = self._non_finite(global_loss)
         if problem is None:
@@ -182,6 +208,12 @@ class Trainer:
             raise DivergenceError(f"{problem} at step {self.step + 1} (epoch {self.epoch + 1}); "
                                   f"no checkpoint written for it (set train.on_nan = \"skip\" to skip such steps)")
         return global_loss, int(stop)
+
+    def _post_control(self, local_loss_sum: float):
+        """Start summing [this rank's loss sum, its stop request] over the ranks (small, non-blocking)."""
+        control = self._control
+        control[0], control[1] = local_loss_sum, float(self._signals.requested)  # [1] sums to the ranks asking
+        return self.comm.iallreduce_sum(control)
 
     def _non_finite(self, global_loss: float) -> str | None:
         """None if the loss and the averaged gradient are finite, else what is not (same on all ranks)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import Callable
 
 import numpy as np
 
@@ -84,11 +85,13 @@ class Sequential:
             x = layer.forward(x, train)
         return x
 
-    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+    def backward(self, dy: np.ndarray, input_grad: bool = True,
+                 after_layer: Callable[[int], None] | None = None) -> np.ndarray | None:
         """dy : (batch, out_features), the gradient of the loss SUM; overwrites grad_buffer.
 
         Returns dx of shape (batch, in_features); ``input_grad=False`` (training) skips the work
         that only dx needs: the layers before the first one with parameters, and that layer's dx.
+        ``after_layer(i)`` is called once layer i's gradients are final (to start exchanging them).
         """
         first = 0 if input_grad else self._first_param_layer
         for i in range(len(self.layers) - 1, first - 1, -1):
@@ -96,6 +99,8 @@ class Sequential:
                 self.layers[i].backward(dy, input_grad=False)
             else:  # a user's layer may implement backward(dy) only
                 dy = self.layers[i].backward(dy)
+            if after_layer is not None:
+                after_layer(i)
         return dy if input_grad else None
 
     def named_params(self) -> dict[str, np.ndarray]:
