@@ -21,7 +21,11 @@ MAX_PARAMS = 2**31  # the flat buffers are indexed with int32 offsets by many BL
 
 
 def load_dataset(config: Config, path: str | None = None) -> Dataset:
-    """The whole dataset named by ``config.data`` (float64 features), before the split."""
+    """The whole dataset named by ``config.data`` (float64 features), before the split.
+
+    An uncompressed .npz or a folder of .npy files stays memory-mapped: nothing is read here but
+    the checks, which scan it a chunk at a time.
+    """
     d = config.data
     if d.name == "digits":
         return data_mod.load_digits()
@@ -31,7 +35,11 @@ def load_dataset(config: Config, path: str | None = None) -> Dataset:
 
 
 def train_val_split(config: Config, dataset: Dataset) -> tuple[Dataset, Dataset]:
-    """The deterministic split of ``dataset``, cast to the run's dtype."""
+    """The deterministic split of ``dataset``, cast to the run's dtype.
+
+    Both are views of ``dataset`` (row numbers and a dtype), not copies: a rank reads and converts
+    only the rows it takes. Values that do not fit the dtype are refused here.
+    """
     train_idx, val_idx = data_mod.split_train_val(len(dataset), config.data.val_fraction, config.seed)
     if len(train_idx) == 0:
         raise UserError(f"data {dataset.source}: no training samples left after data.val_fraction = "
@@ -89,4 +97,5 @@ def build_trainer(config: Config, model: Sequential, loss: Loss, optimizer, trai
                    seed=config.seed, shuffle=config.data.shuffle, comm=comm,
                    checkpoint=CheckpointPolicy(c.every_steps, c.every_epochs, c.keep), config=config.to_dict(),
                    on_nan=t.on_nan, check_sync_every=t.check_sync_every, accumulate=t.accumulate,
-                   bucket_mb=config.comm.bucket_mb, compression=config.comm.compression, **options)
+                   bucket_mb=config.comm.bucket_mb, compression=config.comm.compression,
+                   shard_optimizer=config.optim.shard, **options)

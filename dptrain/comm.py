@@ -96,6 +96,19 @@ class SingleProcessComm:
         recv[...] = send
         return recv
 
+    def reduce_scatter_sum(self, send: np.ndarray, recv: np.ndarray, counts: list[int]) -> np.ndarray:
+        """Sum ``send`` over ranks; rank r receives block r (``counts[r]`` items, in rank order)."""
+        recv[...] = send[: counts[0]]
+        return recv
+
+    def allgatherv(self, buf: np.ndarray, counts: list[int]) -> np.ndarray:
+        """In place: rank r contributes block r of ``buf`` (``counts[r]`` items); all get every block."""
+        return buf
+
+    def gatherv(self, send: np.ndarray, recv: np.ndarray | None, counts: list[int], root: int = 0) -> None:
+        """Block r of ``recv`` on root = rank r's ``send``."""
+        recv[...] = send
+
     def broadcast_text(self, text: str, root: int = 0) -> str:
         return text
 
@@ -153,6 +166,19 @@ class MPIComm:
     def alltoall(self, send: np.ndarray, recv: np.ndarray) -> np.ndarray:
         self.comm.Alltoall(send, recv)
         return recv
+
+    def reduce_scatter_sum(self, send: np.ndarray, recv: np.ndarray, counts: list[int]) -> np.ndarray:
+        self.comm.Reduce_scatter(send, recv, recvcounts=counts, op=self._MPI.SUM)
+        return recv
+
+    def allgatherv(self, buf: np.ndarray, counts: list[int]) -> np.ndarray:
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+        self.comm.Allgatherv(self._MPI.IN_PLACE, [buf, (counts, displs)])
+        return buf
+
+    def gatherv(self, send: np.ndarray, recv: np.ndarray | None, counts: list[int], root: int = 0) -> None:
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+        self.comm.Gatherv(send, [recv, (counts, displs)] if self.rank == root else None, root=root)
 
     def broadcast_text(self, text: str, root: int = 0) -> str:
         data = np.frombuffer(text.encode(), dtype=np.uint8) if self.rank == root else None

@@ -122,3 +122,53 @@ class GradientExchange:
         mine = b.recv16.reshape(size, block).astype(seg.dtype).sum(axis=0)  # in the training dtype
         gathered = self.comm.allgather(mine.astype(np.float16))  # (size, block)
         seg[:] = gathered.reshape(-1)[:n]
+
+
+class ShardedUpdate:
+    """ZeRO stage 1: each rank keeps the optimizer state of 1/world of the flat buffer.
+
+    Per step: reduce-scatter the gradient (rank r receives the summed block r), divide by the global
+    batch, update block r of the parameters with block r of the optimizer state, allgather the
+    parameters. Optimizer memory is divided by the world size; the weights equal the unsharded run.
+    """
+
+    def __init__(self, comm, model: Sequential, optimizer) -> None:
+        n, size = model.n_params, comm.size
+        bounds = [n * r // size for r in range(size + 1)]
+        self.comm, self.model = comm, model
+        self.counts = [bounds[r + 1] - bounds[r] for r in range(size)]
+        self.lo, self.hi = bounds[comm.rank], bounds[comm.rank + 1]
+        self.grad_block = np.empty(self.hi - self.lo, dtype=model.dtype)
+        self.optimizer = optimizer.with_buffers(model.param_buffer[self.lo : self.hi], self.grad_block)
+        self._flag = np.zeros(1, dtype=np.int64)
+
+    def reduce(self, global_batch_size: int) -> None:
+        self.comm.reduce_scatter_sum(self.model.grad_buffer, self.grad_block, self.counts)
+        self.grad_block /= global_batch_size
+
+    def first_non_finite(self) -> int | None:
+        """Collective: the lowest flat index of a non-finite gradient on any rank, or None."""
+        total = np.add.reduce(self.grad_block)
+        local = self.model.n_params
+        if not np.isfinite(total):
+            bad = np.flatnonzero(~np.isfinite(self.grad_block))
+            local = self.lo + int(bad[0]) if len(bad) else local
+        lowest = int(self.comm.allgather(np.array([local], dtype=np.int64)).min())
+        return None if lowest == self.model.n_params else lowest
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.comm.allgatherv(self.model.param_buffer, self.counts)
+
+    def gather_state(self) -> dict[str, np.ndarray] | None:
+        """Collective: the full optimizer state on rank 0 (None elsewhere), for a checkpoint."""
+        full = {}
+        for name, block in self.optimizer.state_dict().items():
+            out = np.empty(self.model.n_params, dtype=block.dtype) if self.comm.rank == 0 else None
+            self.comm.gatherv(block, out, self.counts)
+            full[name] = out
+        return full if self.comm.rank == 0 else None
+
+    def load_state(self, full: dict[str, np.ndarray]) -> None:
+        """Take this rank's block of a full optimizer state (present on every rank)."""
+        self.optimizer.load_state_dict({k: v[self.lo : self.hi] for k, v in full.items()})

@@ -58,8 +58,16 @@ class SGD:
         np.multiply(d, self.lr, out=self._direction)
         self.params -= self._direction
 
+    def with_buffers(self, params: np.ndarray, grads: np.ndarray) -> "SGD":
+        """The same optimizer over other arrays, e.g. one rank's slice of the flat buffers (ZeRO-1)."""
+        return SGD(params, grads, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov,
+                   weight_decay=self.weight_decay)
+
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Arrays to checkpoint (independent of the world size)."""
+        """Arrays to checkpoint (independent of the world size), each of the shape of ``params``.
+
+        (np.zeros memory is committed on first touch: an optimizer that is never stepped, as the
+        full one in sharded mode, costs no resident memory.)"""
         return {"momentum_buffer": self.momentum_buffer}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:

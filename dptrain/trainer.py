@@ -33,7 +33,7 @@ from .checkpoint import Checkpoint, save_checkpoint
 from .comm import SingleProcessComm
 from .data import Dataset, epoch_order, global_batch, shard, steps_per_epoch
 from .errors import DesyncError, DivergenceError, MismatchError
-from .exchange import GradientExchange
+from .exchange import GradientExchange, ShardedUpdate
 from .nn import Loss, Sequential
 from .signals import StopOnSignal
 
@@ -105,6 +105,8 @@ class Trainer:
     accumulate : micro-batches per optimizer step: each rank's share of a global batch is processed in
         ``accumulate`` parts whose gradients are summed, then exchanged once (less memory per pass).
     bucket_mb, compression : how gradients are exchanged (see :mod:`dptrain.exchange`).
+    shard_optimizer : ZeRO stage 1, each rank holds 1/world of the optimizer state
+        (:class:`dptrain.exchange.ShardedUpdate`); checkpoints still hold the whole state.
     stop_on_signals : stop at the next step boundary on SIGTERM, SIGUSR1 or SIGINT (main thread only);
         pass a :class:`StopOnSignal` already entered to also catch signals that arrive before fit().
     log : called with one line per epoch, on rank 0 only.
@@ -115,7 +117,8 @@ class Trainer:
                  shuffle: bool = True, comm=None, out_dir: str | Path | None = None,
                  checkpoint: CheckpointPolicy = CheckpointPolicy(), config: dict | None = None,
                  on_nan: str = "error", check_sync_every: int = 0, accumulate: int = 1,
-                 bucket_mb: float = 4.0, compression: str = "none", stop_on_signals: bool | StopOnSignal = True,
+                 bucket_mb: float = 4.0, compression: str = "none", shard_optimizer: bool = False,
+                 stop_on_signals: bool | StopOnSignal = True,
                  callbacks: Sequence[Callback] = (), log: Callable[[str], None] | None = print) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -136,6 +139,7 @@ class Trainer:
         self.config = config or {}
         self.on_nan, self.check_sync_every, self.accumulate = on_nan, check_sync_every, accumulate
         self.exchange = GradientExchange(self.comm, model, int(bucket_mb * 2**20), compression)
+        self.sharded = ShardedUpdate(self.comm, model, optimizer) if shard_optimizer else None
         self._grad_sum = np.zeros_like(model.grad_buffer) if accumulate > 1 else None
         self.stop_on_signals = stop_on_signals
         self.callbacks = list(callbacks)
@@ -173,7 +177,8 @@ class Trainer:
             loss_sum, dz = self.loss.value_and_grad(z, y)
             pending = self._post_control(loss_sum)
             t1 = clock()
-            self.model.backward(dz, input_grad=False, after_layer=self.exchange.layer_done)
+            overlap = self.exchange.layer_done if self.sharded is None else None
+            self.model.backward(dz, input_grad=False, after_layer=overlap)
             t2 = clock()
         else:
             t0, loss_sum, forward_s = clock(), 0.0, 0.0
@@ -193,14 +198,17 @@ class Trainer:
             pending = self._post_control(loss_sum)
             t2 = clock()
             t1 = t0 + forward_s
-        self.exchange.finish(len(batch_indices))
+        if self.sharded is None:
+            self.exchange.finish(len(batch_indices))
+        else:
+            self.sharded.reduce(len(batch_indices))
         pending.wait()
         t3 = clock()
         control = self._control
         global_loss, stop = float(control[0]), int(control[1])
         problem = self._non_finite(global_loss)
         if problem is None:
-            self.optimizer.step()
+            (self.optimizer if self.sharded is None else self.sharded).step()
         self.phase_seconds += (t1 - t0, t2 - t1, t3 - t2, clock() - t3)
         if problem is not None and self.on_nan == "skip":
             self.skipped_steps += 1
@@ -219,14 +227,17 @@ class Trainer:
         """None if the loss and the averaged gradient are finite, else what is not (same on all ranks)."""
         if not math.isfinite(global_loss):
             return f"non-finite loss ({global_loss})"
-        total = np.add.reduce(self.model.grad_buffer)  # one pass: NaN and inf propagate
-        if math.isfinite(total):
+        if self.sharded is not None:  # each rank holds a block of the gradient: agree on the first bad index
+            index = self.sharded.first_non_finite()
+        else:
+            index = None
+            if not math.isfinite(np.add.reduce(self.model.grad_buffer)):  # one pass: NaN and inf propagate
+                bad = np.flatnonzero(~np.isfinite(self.model.grad_buffer))
+                index = int(bad[0]) if len(bad) else None  # else the sum overflowed, every value is finite
+        if index is None:
             return None
-        for spec, grad in zip(self.model.param_specs, self.model.named_grads().values()):
-            if not np.isfinite(grad).all():
-                layer = self.model.layers[spec.layer_index].describe()
-                return f"non-finite gradient in {spec.name} ({layer})"
-        return None  # the sum overflowed, every value is finite
+        spec = next(s for s in self.model.param_specs if s.offset <= index < s.offset + s.size)
+        return f"non-finite gradient in {spec.name} ({self.model.layers[spec.layer_index].describe()})"
 
     # -- evaluation -------------------------------------------------------------------------
 
@@ -291,8 +302,11 @@ class Trainer:
         if header[0] == 0:
             return False
         self.comm.broadcast(self.model.param_buffer)
-        for array in self.optimizer.state_dict().values():
+        state = self.optimizer.state_dict()  # the full state: rank 0's holds the checkpoint's
+        for array in state.values():
             self.comm.broadcast(array)
+        if self.sharded is not None:
+            self.sharded.load_state(state)
         self.step, self.epoch = int(header[1]), int(header[2])
         self.epoch_loss_sum, self.skipped_steps = float(header[3]), int(header[4])
         if self.out_dir is not None:
@@ -399,6 +413,7 @@ class Trainer:
         if self.out_dir is None:
             return None
         path = self.out_dir / "checkpoints" / f"step-{self.step:08d}"
+        state = self.optimizer.state_dict() if self.sharded is None else self.sharded.gather_state()  # collective
         if self.comm.rank == 0:
             meta = {
                 "dptrain_version": __version__,
@@ -414,7 +429,7 @@ class Trainer:
                 "params": {s.name: list(s.shape) for s in self.model.param_specs},
             }
             path = save_checkpoint(self.out_dir / "checkpoints", self.step, self.model.named_params(),
-                                   self.optimizer.state_dict(), meta, self.checkpoint_policy.keep)
+                                   state, meta, self.checkpoint_policy.keep)
         self.last_checkpoint = path
         return path
 

@@ -102,3 +102,70 @@ def test_fp16_compression_stays_close_to_the_exact_exchange(tmp_path, reference,
     for name in reference:
         scale = np.abs(reference[name]).max()
         assert np.abs(got[name] - reference[name]).max() / scale < 2e-2, name
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("ranks", [2, 3, 4])
+def test_sharded_optimizer_gives_the_single_process_weights(tmp_path, reference, ranks):
+    got, out = _train(tmp_path, "run", "optim.shard=true", ranks=ranks)
+    assert_arrays_close(got, reference, rtol=1e-9)
+
+
+@needs_mpiexec
+def test_sharded_checkpoints_hold_the_whole_state_and_resume_anywhere(tmp_path, reference):
+    """3 sharded ranks -> checkpoint -> 2 unsharded ranks -> 4 sharded ranks: the same weights."""
+    config = tmp_path / "c.toml"
+    config.write_text(CONFIG.replace("epochs = 2", "epochs = 4"))
+    single = dptrain("train", "--config", str(config), "--out", str(tmp_path / "single"), "--comm", "single")
+    assert single.returncode == 0, single.stderr
+    out = tmp_path / "run"
+    for ranks, epochs, shard in ((3, 1, "true"), (2, 2, "false"), (4, 4, "true")):
+        result = dptrain("train", "--config", str(config), "--out", str(out), "--resume", "auto",
+                         "--set", f"train.epochs={epochs}", "--set", f"optim.shard={shard}", ranks=ranks)
+        assert result.returncode == 0, result.stderr
+        momentum = load_arrays(out / "checkpoints" / "latest" / "optimizer.npz")["momentum_buffer"]
+        assert momentum.shape == (sum(a.size for a in reference.values()),)
+    expected = load_arrays(tmp_path / "single" / "checkpoints" / "latest" / "model.npz")
+    assert_arrays_close(load_arrays(out / "checkpoints" / "latest" / "model.npz"), expected, rtol=1e-9)
+    expected_m = load_arrays(tmp_path / "single" / "checkpoints" / "latest" / "optimizer.npz")
+    assert_arrays_close(load_arrays(out / "checkpoints" / "latest" / "optimizer.npz"), expected_m, rtol=1e-9)
+
+
+SHARD_MEMORY = """
+import numpy as np
+from dptrain import Dense, ReLU, SGD, Sequential, SoftmaxCrossEntropy, Trainer, make_comm
+from dptrain.data import make_synthetic
+comm = make_comm()
+model = Sequential([Dense(64), ReLU(), Dense(3)], 10)
+model.init_params(np.random.default_rng(0))
+trainer = Trainer(model, SoftmaxCrossEntropy(), SGD(model.param_buffer, model.grad_buffer, lr=0.1, momentum=0.9),
+                  make_synthetic(50, 10, 3, seed=0), batch_size=10, epochs=1, comm=comm, shard_optimizer=True, log=None)
+trainer.fit()
+state = trainer.sharded.optimizer.state_dict()
+sizes = comm.allgather(np.array([sum(a.size for a in state.values())]))[:, 0]
+if comm.rank == 0:
+    print(model.n_params, *sizes)
+"""
+
+
+@needs_mpiexec
+def test_sharded_optimizer_state_is_divided_by_the_world_size(tmp_path):
+    import sys
+
+    from helpers import MPIEXEC, run
+
+    script = tmp_path / "shard.py"
+    script.write_text(SHARD_MEMORY)
+    result = run([MPIEXEC, "-n", "3", sys.executable, str(script)])
+    assert result.returncode == 0, result.stderr
+    n, *sizes = map(int, result.stdout.split())
+    assert sum(sizes) == n and max(sizes) - min(sizes) <= 1  # each rank holds n / 3 of the momentum
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("extra", ["optim.shard=true", "comm.compression=fp16", "train.accumulate=2"])
+def test_divergence_is_still_caught_by_every_rank(tmp_path, extra):
+    result = dptrain("train", "--out", str(tmp_path / "r"), "--set", "optim.lr=1e30", "--set", extra, ranks=2)
+    assert result.returncode == 3, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "non-finite" in errors[0]
