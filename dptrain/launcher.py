@@ -33,10 +33,13 @@ def available_cores() -> int:
 
 def threads_per_rank(ranks_per_node: int, cores: int | None = None,
                      environ: Mapping[str, str] | None = None) -> int:
-    """max(1, cores / ranks per node); under Slurm, the allocation's cpus-per-task if given."""
+    """max(1, cores / ranks per node): Slurm's cpus-per-task if given, PBS's NCPUS (the cores of the
+    node's chunk) shared by the ranks on the node, else the cores this process may use."""
     env = os.environ if environ is None else environ
     if env.get("SLURM_CPUS_PER_TASK", "").isdigit():
         return max(1, int(env["SLURM_CPUS_PER_TASK"]))
+    if env.get("NCPUS", "").isdigit() and "PBS_JOBID" in env:
+        cores = int(env["NCPUS"])
     cores = available_cores() if cores is None else cores
     return max(1, cores // max(1, ranks_per_node))
 

@@ -53,3 +53,8 @@ def test_find_mpiexec_prefers_the_explicit_one():
 ])
 def test_mpi_detection(env, expected):
     assert launched_by_mpi(env) is expected
+
+
+def test_pbs_ncpus_is_shared_by_the_ranks_of_the_node():
+    assert threads_per_rank(4, environ={"PBS_JOBID": "1.server", "NCPUS": "16"}) == 4
+    assert threads_per_rank(4, cores=32, environ={"NCPUS": "16"}) == 8  # not a PBS job: ignored
