@@ -3,40 +3,69 @@
 The sampler is a set of pure functions of (seed, epoch, step, rank, world size): every rank
 derives the same global batches and the same step counts, so no rank can skip a collective, and
 global step k takes the same samples whatever the world size.
+
+A :class:`Dataset` is a view of two arrays, which may be memory-mapped files: which of their rows
+it holds and which dtypes it returns them in. ``subset`` and ``astype`` make new views without
+copying, and ``take`` reads only the rows asked for, so a rank of a job on a memory-mapped file
+reads only the rows of its own shards and the ranks of a node share the file's pages.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import struct
 import zipfile
-from dataclasses import dataclass
+import zlib
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from .errors import UserError
 
 MAX_CLASSES = 2**20  # more would be a mistake in the labels, not a classification task
+CHUNK_BYTES = 32 * 2**20  # checks that scan every value read this much of the data at a time
 
 # Stream tags keep the random streams of one seed independent of each other.
 _SPLIT_STREAM, _EPOCH_STREAM, _SYNTHETIC_STREAM = 1, 2, 3
 
 
-@dataclass
 class Dataset:
-    """x : (N, D) features; y : (N,) int64 labels (classification) or (N, K) floats (regression)."""
+    """x : (N, D) features; y : (N,) integer labels (classification) or (N, K) floats (regression).
 
-    x: np.ndarray
-    y: np.ndarray
-    n_classes: int | None  # None for regression targets
-    source: str = ""
+    ``Dataset(x, y, n_classes, source)`` holds the arrays as given (they may be ``np.memmap``s).
+    ``subset`` and ``astype`` return views that share them: a view records the rows it holds
+    and the chain of dtype conversions its values go through, and applies both when rows are
+    read (``take``), so no view copies the data. ``x`` and ``y`` are the arrays the view stands
+    for: the arrays themselves when the view is all rows unconverted, else a :class:`RowView`
+    with their shape and dtype that reads on indexing.
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, n_classes: int | None, source: str = "") -> None:
+        self.base_x, self.base_y = x, y  # the whole arrays, in the dtypes they are stored in
+        self.n_classes = n_classes  # None for regression targets
+        self.source = source
+        self.rows: np.ndarray | None = None  # rows of base_x/base_y in this view; None: all of them
+        self._x_casts: tuple[np.dtype, ...] = ()  # conversions applied in turn to rows of base_x
+        self._y_casts: tuple[np.dtype, ...] = ()
+        self._finite = False  # every value of base_x (and of float base_y) is known to be finite
+
+    def _view(self, rows: np.ndarray | None, x_casts: tuple[np.dtype, ...],
+              y_casts: tuple[np.dtype, ...]) -> Dataset:
+        view = Dataset(self.base_x, self.base_y, self.n_classes, self.source)
+        view.rows, view._x_casts, view._y_casts, view._finite = rows, x_casts, y_casts, self._finite
+        return view
 
     def __len__(self) -> int:
-        return len(self.x)
+        return len(self.base_x) if self.rows is None else len(self.rows)
+
+    def __repr__(self) -> str:
+        return (f"Dataset({self.source or 'arrays'}: {len(self)} rows of {self.n_features} features as "
+                f"{self.dtype}, {self.task}{'' if self.n_classes is None else f' ({self.n_classes} classes)'})")
 
     @property
     def n_features(self) -> int:
-        return self.x.shape[1]
+        return self.base_x.shape[1]
 
     @property
     def task(self) -> str:
@@ -44,24 +73,203 @@ class Dataset:
 
     @property
     def n_outputs(self) -> int:
-        return self.n_classes if self.n_classes is not None else self.y.shape[1]
+        return self.n_classes if self.n_classes is not None else self.base_y.shape[1]
 
-    def take(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Rows ``indices`` as (x of shape (n, D), y): what a rank reads for its shard of a batch."""
-        return self.x[indices], self.y[indices]
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype of the features ``take`` returns."""
+        return self._x_casts[-1] if self._x_casts else self.base_x.dtype
 
-    def subset(self, indices: np.ndarray) -> "Dataset":
-        return Dataset(self.x[indices], self.y[indices], self.n_classes, self.source)
+    @property
+    def y_dtype(self) -> np.dtype:
+        return self._y_casts[-1] if self._y_casts else self.base_y.dtype
 
-    def astype(self, dtype) -> "Dataset":
-        """The same data in ``dtype``; refuses values that do not fit it (e.g. 1e300 in float32)."""
-        with np.errstate(over="ignore"):
-            x = self.x.astype(dtype, copy=False)
-            y = self.y if self.n_classes is not None else self.y.astype(dtype, copy=False)
-        if not (np.isfinite(x).all() and (self.n_classes is not None or np.isfinite(y).all())):
-            raise UserError(f"data {self.source}: values exceed the range of {np.dtype(dtype)} "
+    @property
+    def x(self) -> np.ndarray | RowView:
+        """The features this dataset stands for: base_x itself, or a RowView reading it on demand."""
+        return self.base_x if self.rows is None and not self._x_casts else RowView(self, "x")
+
+    @property
+    def y(self) -> np.ndarray | RowView:
+        return self.base_y if self.rows is None and not self._y_casts else RowView(self, "y")
+
+    def take(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``indices`` as (x of shape (n, D), y): what a rank reads for its shard of a batch.
+
+        Reads only those rows of the arrays (of the file, when memory-mapped), then converts them.
+        """
+        file_rows = indices if self.rows is None else self.rows[indices]
+        return self._read("x", file_rows), self._read("y", file_rows)
+
+    def _read(self, which: str, file_rows) -> np.ndarray:
+        base, casts = (self.base_x, self._x_casts) if which == "x" else (self.base_y, self._y_casts)
+        return _convert(base[file_rows], casts)
+
+    def subset(self, indices) -> Dataset:
+        """Rows ``indices`` of this dataset (anything that indexes an array of len(self) rows), without copying."""
+        if self.rows is not None:
+            rows = self.rows[indices]
+        elif isinstance(indices, slice):
+            rows = np.arange(*indices.indices(len(self)))
+        else:
+            rows = _row_numbers(indices, len(self))
+        return self._view(np.atleast_1d(rows), self._x_casts, self._y_casts)
+
+    def astype(self, dtype) -> Dataset:
+        """The same data in ``dtype``; refuses values that do not fit it (e.g. 1e300 in float32).
+
+        Nothing is converted here: the view records the dtype and ``take`` converts the rows it
+        reads. The check reads the rows a chunk at a time; it is skipped when every value is
+        known to be finite and every conversion is exact.
+        """
+        dtype = np.dtype(dtype)
+        x_casts = _then(self._x_casts, self.base_x.dtype, dtype)
+        y_casts = self._y_casts if self.n_classes is not None else _then(self._y_casts, self.base_y.dtype, dtype)
+        view = self._view(self.rows, x_casts, y_casts)
+        exact = _exact_chain(self.base_x.dtype, x_casts) and (
+            self.n_classes is not None or _exact_chain(self.base_y.dtype, y_casts))
+        if not (self._finite and exact) and not view._all_finite():
+            raise UserError(f"data {self.source}: values exceed the range of {dtype} "
                             f"(scale the data or set train.dtype = \"float64\")")
-        return Dataset(x, y, self.n_classes, self.source)
+        return view
+
+    def _all_finite(self) -> bool:
+        """Whether every value of x (and of float targets y) this view returns is finite; by chunks."""
+        which = ["x"] if self.n_classes is not None else ["x", "y"]
+        for name in which:
+            base = self.base_x if name == "x" else self.base_y
+            step, n = _chunk_rows(base), len(self)
+            for start in range(0, n, step):
+                part = slice(start, min(start + step, n))
+                values = self._read(name, part if self.rows is None else self.rows[part])
+                if values.dtype.kind in "fc" and not np.isfinite(values).all():
+                    return False
+        return True
+
+
+class RowView:
+    """The (N, ...) array a :class:`Dataset` view stands for, read on demand.
+
+    Has the shape and dtype of that array; indexing reads only the rows asked for (``view[idx]``
+    is ``dataset.take(idx)``'s part), and ``np.asarray(view)`` reads all of them.
+    """
+
+    def __init__(self, dataset: Dataset, which: str) -> None:
+        self._dataset, self._which = dataset, which
+
+    @property
+    def _base(self) -> np.ndarray:
+        return self._dataset.base_x if self._which == "x" else self._dataset.base_y
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self._dataset), *self._base.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dataset.dtype if self._which == "x" else self._dataset.y_dtype
+
+    @property
+    def ndim(self) -> int:
+        return self._base.ndim
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):  # more than rows: read all rows, then index as NumPy does
+            return np.asarray(self)[key]
+        rows = self._dataset.rows
+        return self._dataset._read(self._which, key if rows is None else rows[key])
+
+    def __array__(self, dtype=None, copy=None):
+        if copy is False:
+            raise ValueError("a RowView reads rows on demand: it cannot be an array without a copy")
+        values = self[:]
+        return values if dtype is None else values.astype(dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return f"RowView({self._which} of {self._dataset!r}: shape {self.shape}, dtype {self.dtype})"
+
+
+def _row_numbers(indices, n: int) -> np.ndarray:
+    """Integer row numbers in [0, n) for an integer or boolean index into n rows (as NumPy indexes)."""
+    idx = np.asarray(indices)
+    if idx.size == 0 and idx.dtype != bool:
+        return np.zeros(0, dtype=np.intp)
+    if idx.dtype == bool:
+        if idx.shape != (n,):
+            raise IndexError(f"boolean index of shape {idx.shape} does not match {n} rows")
+        return np.flatnonzero(idx)
+    if idx.dtype.kind not in "iu":
+        raise IndexError(f"rows must be integers or booleans, got {idx.dtype}")
+    if idx.size and (idx.min() < -n or idx.max() >= n):
+        raise IndexError(f"row index out of range for {n} rows")
+    return np.where(idx < 0, idx + n, idx).astype(np.intp, copy=False)
+
+
+def _exact(src: np.dtype, dst: np.dtype) -> bool:
+    """Whether converting src to dst keeps every value (int64 -> float64 does not)."""
+    if not np.can_cast(src, dst, "safe"):
+        return False
+    if src.kind in "iu" and dst.kind in "fc":
+        return np.iinfo(src).bits - (src.kind == "i") <= np.finfo(dst).nmant + 1
+    return True
+
+
+def _exact_chain(base: np.dtype, casts: tuple[np.dtype, ...]) -> bool:
+    for dst in casts:
+        if not _exact(base, dst):
+            return False
+        base = dst
+    return True
+
+
+def _then(casts: tuple[np.dtype, ...], base: np.dtype, dtype: np.dtype) -> tuple[np.dtype, ...]:
+    """``casts`` followed by a conversion to ``dtype``, without steps that cannot change a value.
+
+    A step reached exactly from the one before can be dropped: converting v exactly and then to
+    dtype rounds the same value as converting v to dtype directly. So the values are those of
+    converting the whole array in turn, as an eager astype would, bit for bit.
+    """
+    steps = list(casts)
+    if (steps[-1] if steps else base) == dtype:
+        return casts
+    while steps and _exact(steps[-2] if len(steps) > 1 else base, steps[-1]):
+        steps.pop()
+    if (steps[-1] if steps else base) != dtype:
+        steps.append(dtype)
+    return tuple(steps)
+
+
+def _convert(values: np.ndarray, casts: tuple[np.dtype, ...]) -> np.ndarray:
+    values = np.asarray(values)  # a plain ndarray, not an np.memmap
+    with np.errstate(over="ignore", invalid="ignore"):
+        for dtype in casts:
+            values = values.astype(dtype)
+    return values
+
+
+def _chunk_rows(a: np.ndarray) -> int:
+    """Rows of ``a`` in about CHUNK_BYTES."""
+    row_bytes = max(1, a.itemsize * math.prod(a.shape[1:]))
+    return max(1, CHUNK_BYTES // row_bytes)
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """np.isfinite(a).all(), reading ``a`` a chunk at a time (no full-size temporary)."""
+    if a.dtype.kind not in "fc":
+        return True
+    step = _chunk_rows(a)
+    return all(np.isfinite(a[start:start + step]).all() for start in range(0, len(a), step))
 
 
 def load_digits() -> Dataset:
@@ -86,26 +294,125 @@ def make_synthetic(n_samples: int, n_features: int, n_classes: int, seed: int) -
 
 
 def load_npz(path: str, n_classes: int | None = None) -> Dataset:
-    """An .npz with ``x`` (N, D) and ``y`` (N,) integer labels or (N, K) float targets.
+    """The data at ``path``: an .npz with arrays ``x`` (N, D) and ``y`` (N,) integer labels or
+    (N, K) float targets, or a folder holding ``x.npy`` and ``y.npy``.
+
+    Arrays stored uncompressed (np.savez, np.save) are memory-mapped, not read: the checks scan
+    them a chunk at a time and training reads only the rows it takes, so the ranks of a node
+    share one copy (the page cache). A compressed .npz (np.savez_compressed) is read into memory.
+    Nothing is ever unpickled. Features are returned as float64, labels as int64.
 
     Labels are checked to lie in [0, n_classes); if n_classes is not given it is max(y) + 1.
     """
     if os.path.isdir(path):
-        raise UserError(f"data file {path}: is a folder, not an .npz file")
-    if not os.path.isfile(path):
+        x, y = _load_npy_folder(path)
+    elif not os.path.isfile(path):
         raise UserError(f"data file {path}: not found")
+    else:
+        x, y = _load_npz_arrays(path)
+    return _checked_arrays(x, y, n_classes, path)
+
+
+def _load_npz_arrays(path: str) -> tuple[np.ndarray, np.ndarray]:
     try:
-        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as archive:  # fh: closed even if np.load fails
-            missing = [k for k in ("x", "y") if k not in archive.files]
-            if missing:
-                raise UserError(f"data file {path}: no array named {' or '.join(repr(k) for k in missing)} "
-                                f"(found {', '.join(archive.files) or 'none'})")
-            x, y = archive["x"], archive["y"]
+        with open(path, "rb") as fh:  # closed even if np.load fails; the memory maps outlive it
+            if fh.read(len(npy_format.MAGIC_PREFIX)) == npy_format.MAGIC_PREFIX:
+                raise UserError(f"data file {path}: is one .npy array, not an .npz with x and y (or a folder "
+                                f"with x.npy and y.npy)")
+            fh.seek(0)
+            with np.load(fh, allow_pickle=False) as archive:
+                missing = [k for k in ("x", "y") if k not in archive.files]
+                if missing:
+                    raise UserError(f"data file {path}: no array named {' or '.join(repr(k) for k in missing)} "
+                                    f"(found {', '.join(archive.files) or 'none'})")
+                x, y = (_npz_member(archive, fh, key) for key in ("x", "y"))
     except UserError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise UserError(f"data file {path}: cannot be read as .npz ({exc})") from exc
-    return _checked_arrays(x, y, n_classes, path)
+    for key, array in (("x", x), ("y", y)):
+        if not isinstance(array, np.ndarray):
+            raise UserError(f"data file {path}: {key!r} is not a NumPy array")
+    return x, y
+
+
+def _npz_member(archive, fh, key: str):
+    """archive[key], memory-mapped if it is stored uncompressed (its CRC-32 checked by chunks)."""
+    names = archive.zip.namelist()
+    members = {name.removesuffix(".npy"): name for name in names}
+    members.update(zip(names, names))  # the names np.load would read for key
+    info = archive.zip.getinfo(members[key])
+    if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:  # stored, not encrypted
+        start = _member_data_start(fh, info)
+        array = _map_npy(fh, start, info.file_size)
+        if array is not None:
+            _check_crc(fh, start, info)
+            return array
+    return archive[key]  # compressed, empty or unusual: read into memory
+
+
+def _member_data_start(fh, info: zipfile.ZipInfo) -> int:
+    """Offset in the file of the first byte of a zip member's data (after its local header)."""
+    fh.seek(info.header_offset)
+    header = fh.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile("Bad magic number for file header")
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_length + extra_length
+
+
+def _map_npy(fh, start: int, length: int) -> np.ndarray | None:
+    """The .npy stored in bytes [start, start + length) of ``fh``, memory-mapped read-only; None
+    if it is better read normally (no .npy magic, an empty or 0-d array, header version 3)."""
+    fh.seek(start)
+    if fh.read(len(npy_format.MAGIC_PREFIX)) != npy_format.MAGIC_PREFIX:
+        return None
+    fh.seek(start)
+    version = npy_format.read_magic(fh)
+    if version == (1, 0):
+        shape, fortran_order, dtype = npy_format.read_array_header_1_0(fh)
+    elif version == (2, 0):
+        shape, fortran_order, dtype = npy_format.read_array_header_2_0(fh)
+    else:
+        return None
+    if dtype.hasobject:
+        raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+    offset, nbytes = fh.tell(), math.prod(shape) * dtype.itemsize
+    if not shape or nbytes == 0:
+        return None
+    if offset + nbytes > start + length:
+        raise ValueError(f"EOF: array data of {nbytes} bytes expected, {start + length - offset} stored")
+    return np.memmap(fh, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran_order else "C")
+
+
+def _check_crc(fh, start: int, info: zipfile.ZipInfo) -> None:
+    """The zip member's CRC-32, as reading it with zipfile would check, by chunks of the file's pages."""
+    raw = np.memmap(fh, dtype=np.uint8, mode="r", offset=start, shape=(info.file_size,))
+    crc = 0
+    for begin in range(0, info.file_size, CHUNK_BYTES):
+        crc = zlib.crc32(raw[begin:begin + CHUNK_BYTES], crc)
+    del raw
+    if crc != info.CRC:
+        raise zipfile.BadZipFile(f"Bad CRC-32 for file {info.filename!r}")
+
+
+def _load_npy_folder(path: str) -> tuple[np.ndarray, np.ndarray]:
+    files = {key: os.path.join(path, f"{key}.npy") for key in ("x", "y")}
+    missing = [key for key, file in files.items() if not os.path.isfile(file)]
+    if len(missing) == 2:
+        raise UserError(f"data file {path}: is a folder without x.npy and y.npy, not an .npz file")
+    if missing:
+        raise UserError(f"data file {path}: no array named {missing[0]!r} (no {missing[0]}.npy in the folder)")
+    arrays = []
+    for file in files.values():
+        try:
+            array = np.load(file, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise UserError(f"data file {file}: cannot be read as .npy ({exc})") from exc
+        if not isinstance(array, np.ndarray):
+            raise UserError(f"data file {file}: is not an .npy array")
+        arrays.append(array)
+    return arrays[0], arrays[1]
 
 
 def _checked_arrays(x: np.ndarray, y: np.ndarray, n_classes: int | None, source: str) -> Dataset:
@@ -120,23 +427,33 @@ def _checked_arrays(x: np.ndarray, y: np.ndarray, n_classes: int | None, source:
         raise UserError(f"data file {source}: x has {len(x)} rows but y has {len(y)}")
     if len(x) == 0:
         raise UserError(f"data file {source}: no samples")
-    if not np.isfinite(x).all():
+    if not _all_finite(x):
         raise UserError(f"data file {source}: x contains NaN or infinity")
     if y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
-        k = int(y.max()) + 1 if n_classes is None else n_classes
-        if y.max() >= MAX_CLASSES:
-            raise UserError(f"data file {source}: label {y.max()} implies more than {MAX_CLASSES:,} classes")
-        if y.min() < 0 or y.max() >= k:
-            raise UserError(f"data file {source}: labels must lie in [0, {k}), found {y.min()}..{y.max()}")
-        return Dataset(x.astype(np.float64), y.astype(np.int64), max(k, 2), source)
+        lowest, highest = y.min(), y.max()
+        k = int(highest) + 1 if n_classes is None else n_classes
+        if highest >= MAX_CLASSES:
+            raise UserError(f"data file {source}: label {highest} implies more than {MAX_CLASSES:,} classes")
+        if lowest < 0 or highest >= k:
+            raise UserError(f"data file {source}: labels must lie in [0, {k}), found {lowest}..{highest}")
+        return _checked_dataset(x, y, max(k, 2), source, np.int64)
     if y.ndim == 2 and np.issubdtype(y.dtype, np.floating):
         if y.shape[1] < 1:
             raise UserError(f"data file {source}: regression targets y of shape {y.shape} have no column")
-        if not np.isfinite(y).all():
+        if not _all_finite(y):
             raise UserError(f"data file {source}: y contains NaN or infinity")
-        return Dataset(x.astype(np.float64), y.astype(np.float64), None, source)
+        return _checked_dataset(x, y, None, source, np.float64)
     raise UserError(f"data file {source}: y must be (N,) integer labels or (N, K) float targets, "
                     f"got {y.dtype} {y.shape}")
+
+
+def _checked_dataset(x: np.ndarray, y: np.ndarray, n_classes: int | None, source: str, y_dtype) -> Dataset:
+    """A dataset of checked arrays, returning float64 features and ``y_dtype`` labels or targets."""
+    dataset = Dataset(x, y, n_classes, source)
+    dataset._x_casts = _then((), x.dtype, np.dtype(np.float64))
+    dataset._y_casts = _then((), y.dtype, np.dtype(y_dtype))
+    dataset._finite = True
+    return dataset
 
 
 def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
