@@ -248,7 +248,7 @@ def validate(config: Config, where: str = "config") -> None:
         fail("seed", f"must be >= 0, got {config.seed}")
     choose("data.name", d.name, DATASETS)
     if d.name == "npz" and not d.path:
-        fail("data.path", "must name an .npz file when data.name = \"npz\"")
+        fail("data.path", "must name an .npz file or a folder with x.npy and y.npy when data.name = \"npz\"")
     if not 0 <= d.val_fraction < 1:
         fail("data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
     if d.name == "synthetic":
