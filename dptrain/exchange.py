@@ -16,6 +16,7 @@ The optimizer never sees any of this: it finds the averaged gradient in ``model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,14 @@ class Bucket:
     pending: object = None
     send16: np.ndarray | None = None  # fp16 compression buffers, allocated once
     recv16: np.ndarray | None = None
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """True if no NaN or infinity: one BLAS dot product, NaN and inf propagate; an overflow of the
+    dot itself (|values| ~ 1e19 in float32) falls back to an exact elementwise check."""
+    if math.isfinite(np.dot(values, values)):
+        return True
+    return bool(np.isfinite(values).all())
 
 
 def plan_buckets(model: Sequential, bucket_bytes: int) -> list[Bucket]:
@@ -58,7 +67,7 @@ class GradientExchange:
     """Averages ``model.grad_buffer`` over ``comm`` after each backward pass.
 
     Usage per step: ``model.backward(dz, after_layer=exchange.layer_done)`` (starts buckets as they
-    become ready) then ``exchange.finish(global_batch_size)``.
+    become ready), then ``scale = exchange.finish(global_batch_size)`` and ``optimizer.step(scale)``.
     """
 
     def __init__(self, comm, model: Sequential, bucket_bytes: int = 0, compression: str = "none") -> None:
@@ -89,16 +98,17 @@ class GradientExchange:
 
     # -- after backward ----------------------------------------------------------------------
 
-    def finish(self, global_batch_size: int) -> np.ndarray:
-        """Complete every bucket; grad_buffer then holds the mean gradient over the global batch."""
+    def finish(self, global_batch_size: int) -> float:
+        """Complete every bucket. grad_buffer then holds the gradient SUMMED over the global batch on
+        every rank; returns the factor that makes it the mean (1 / global batch size), which the
+        optimizer applies in its own pass (fp16 scales before sending and returns 1)."""
         grads = self.model.grad_buffer
         if self.comm.size == 1:
-            grads /= global_batch_size
-            return grads
+            return 1.0 / global_batch_size
         if self.compression == "fp16":
             for b in self.buckets:
                 self._exchange_fp16(b, global_batch_size)
-            return grads
+            return 1.0
         if self.overlap:
             for b in self.buckets:
                 if b.pending is None:  # a bucket whose layers had no after_layer call
@@ -108,8 +118,7 @@ class GradientExchange:
             self._started.clear()
         else:
             self.comm.allreduce_sum(grads)
-        grads /= global_batch_size
-        return grads
+        return 1.0 / global_batch_size
 
     def _exchange_fp16(self, b: Bucket, global_batch_size: int) -> None:
         """Half-precision transport, sums in the training dtype: Alltoall, local sum, Allgather."""
@@ -142,22 +151,22 @@ class ShardedUpdate:
         self.optimizer = optimizer.with_buffers(model.param_buffer[self.lo : self.hi], self.grad_block)
         self._flag = np.zeros(1, dtype=np.int64)
 
-    def reduce(self, global_batch_size: int) -> None:
+    def reduce(self, global_batch_size: int) -> float:
+        """Sum block r of the gradient onto rank r; returns the scale that makes it the mean."""
         self.comm.reduce_scatter_sum(self.model.grad_buffer, self.grad_block, self.counts)
-        self.grad_block /= global_batch_size
+        return 1.0 / global_batch_size
 
     def first_non_finite(self) -> int | None:
         """Collective: the lowest flat index of a non-finite gradient on any rank, or None."""
-        total = np.add.reduce(self.grad_block)
         local = self.model.n_params
-        if not np.isfinite(total):
+        if not all_finite(self.grad_block):
             bad = np.flatnonzero(~np.isfinite(self.grad_block))
             local = self.lo + int(bad[0]) if len(bad) else local
         lowest = int(self.comm.allgather(np.array([local], dtype=np.int64)).min())
         return None if lowest == self.model.n_params else lowest
 
-    def step(self) -> None:
-        self.optimizer.step()
+    def step(self, grad_scale: float = 1.0) -> None:
+        self.optimizer.step(grad_scale)
         self.comm.allgatherv(self.model.param_buffer, self.counts)
 
     def gather_state(self) -> dict[str, np.ndarray] | None:

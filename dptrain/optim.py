@@ -39,24 +39,33 @@ class SGD:
         self.nesterov = bool(nesterov)
         self.momentum_buffer = np.zeros_like(params)
         self._decayed = np.empty_like(params) if self.weight_decay else None
-        self._direction = np.empty_like(params)
+        self._direction = np.empty_like(params) if self.nesterov else None
+        self._blas = _in_place_blas(params)
 
-    def step(self) -> None:
-        g = self.grads
-        if self.weight_decay:
+    def step(self, grad_scale: float = 1.0) -> None:
+        """Update ``params`` in place with the gradient ``grad_scale * grads``.
+
+        (The trainer passes 1 / global batch size and leaves the summed gradient unscaled, which
+        saves a pass over the buffer.) Vector updates go through BLAS axpy/scal: one pass each.
+        """
+        axpy, scal = self._blas
+        g, a = self.grads, grad_scale
+        if self.weight_decay:  # g = grad_scale * grads + weight_decay * params
             g = np.multiply(self.params, self.weight_decay, out=self._decayed)
-            g += self.grads
-        d = g
-        if self.momentum:
-            buf = self.momentum_buffer
-            buf *= self.momentum
-            buf += g
-            d = buf
-            if self.nesterov:
-                d = np.multiply(buf, self.momentum, out=self._direction)
-                d += g
-        np.multiply(d, self.lr, out=self._direction)
-        self.params -= self._direction
+            axpy(self.grads, g, a=grad_scale)
+            a = 1.0
+        if not self.momentum:
+            axpy(g, self.params, a=-self.lr * a)
+            return
+        buf = self.momentum_buffer
+        scal(self.momentum, buf)
+        axpy(g, buf, a=a)  # buf = momentum * buf + g
+        if self.nesterov:  # direction = g + momentum * buf
+            d = np.multiply(buf, self.momentum, out=self._direction)
+            axpy(g, d, a=a)
+            axpy(d, self.params, a=-self.lr)
+        else:
+            axpy(buf, self.params, a=-self.lr)
 
     def with_buffers(self, params: np.ndarray, grads: np.ndarray) -> "SGD":
         """The same optimizer over other arrays, e.g. one rank's slice of the flat buffers (ZeRO-1)."""
@@ -76,6 +85,27 @@ class SGD:
             got = None if buf is None else buf.shape
             raise ValueError(f"optimizer state momentum_buffer has shape {got}, expected {self.momentum_buffer.shape}")
         self.momentum_buffer[...] = buf
+
+
+def _in_place_blas(like: np.ndarray):
+    """(axpy, scal) for the dtype of ``like``, updating their y / x argument in place.
+
+    axpy(x, y, a) does y += a * x; scal(a, x) does x *= a. Both need contiguous 1-d arrays (the flat
+    buffers and their slices are).
+    """
+    from scipy.linalg import blas
+
+    axpy_f, scal_f = blas.get_blas_funcs(("axpy", "scal"), (like,))
+
+    def axpy(x: np.ndarray, y: np.ndarray, a: float) -> None:
+        out = axpy_f(x, y, a=a)
+        assert out is y or np.shares_memory(out, y)
+
+    def scal(a: float, x: np.ndarray) -> None:
+        out = scal_f(a, x)
+        assert out is x or np.shares_memory(out, x)
+
+    return axpy, scal
 
 
 OPTIMIZERS = {"sgd": SGD}

@@ -33,7 +33,7 @@ from .checkpoint import Checkpoint, save_checkpoint
 from .comm import SingleProcessComm
 from .data import Dataset, epoch_order, global_batch, shard, steps_per_epoch
 from .errors import DesyncError, DivergenceError, MismatchError
-from .exchange import GradientExchange, ShardedUpdate
+from .exchange import GradientExchange, ShardedUpdate, all_finite
 from .nn import Loss, Sequential
 from .signals import StopOnSignal
 
@@ -198,17 +198,17 @@ class Trainer:
             pending = self._post_control(loss_sum)
             t2 = clock()
             t1 = t0 + forward_s
-        if self.sharded is None:
-            self.exchange.finish(len(batch_indices))
+        if self.sharded is None:  # grad_buffer now holds the SUM; grad_scale makes it the mean
+            grad_scale = self.exchange.finish(len(batch_indices))
         else:
-            self.sharded.reduce(len(batch_indices))
+            grad_scale = self.sharded.reduce(len(batch_indices))
         pending.wait()
         t3 = clock()
         control = self._control
         global_loss, stop = float(control[0]), int(control[1])
         problem = self._non_finite(global_loss)
         if problem is None:
-            (self.optimizer if self.sharded is None else self.sharded).step()
+            (self.optimizer if self.sharded is None else self.sharded).step(grad_scale)
         self.phase_seconds += (t1 - t0, t2 - t1, t3 - t2, clock() - t3)
         if problem is not None and self.on_nan == "skip":
             self.skipped_steps += 1
@@ -231,9 +231,8 @@ class Trainer:
             index = self.sharded.first_non_finite()
         else:
             index = None
-            if not math.isfinite(np.add.reduce(self.model.grad_buffer)):  # one pass: NaN and inf propagate
-                bad = np.flatnonzero(~np.isfinite(self.model.grad_buffer))
-                index = int(bad[0]) if len(bad) else None  # else the sum overflowed, every value is finite
+            if not all_finite(self.model.grad_buffer):
+                index = int(np.flatnonzero(~np.isfinite(self.model.grad_buffer))[0])
         if index is None:
             return None
         spec = next(s for s in self.model.param_specs if s.offset <= index < s.offset + s.size)
