@@ -9,7 +9,7 @@ Three ways, one result (the mean gradient over the global batch, identical on ev
   buckets);
 * ``compression = "fp16"``: each bucket goes out in half precision (half the bytes) through an
   Alltoall; each rank sums its block of the buffer in the training dtype, and the sums are
-  allgathered, again in half precision.
+  allgathered, again in half precision. Gradients are sent divided by the world size.
 
 The optimizer never sees any of this: it finds the averaged gradient in ``model.grad_buffer``.
 """
@@ -107,8 +107,8 @@ class GradientExchange:
             return 1.0 / global_batch_size
         if self.compression == "fp16":
             for b in self.buckets:
-                self._exchange_fp16(b, global_batch_size)
-            return 1.0
+                self._exchange_fp16(b)
+            return self.comm.size / global_batch_size  # fp16 carried the sums divided by the world size
         if self.overlap:
             for b in self.buckets:
                 if b.pending is None:  # a bucket whose layers had no after_layer call
@@ -120,11 +120,16 @@ class GradientExchange:
             self.comm.allreduce_sum(grads)
         return 1.0 / global_batch_size
 
-    def _exchange_fp16(self, b: Bucket, global_batch_size: int) -> None:
-        """Half-precision transport, sums in the training dtype: Alltoall, local sum, Allgather."""
+    def _exchange_fp16(self, b: Bucket) -> None:
+        """Half-precision transport, sums in the training dtype: Alltoall, local sum, Allgather.
+
+        Each rank sends its shard's gradient sum divided by the world size (as PyTorch's
+        fp16_compress_hook does): large enough to stay clear of fp16's subnormals (< 6e-5, slow and
+        imprecise), small enough that the sum of all ranks stays far below its overflow (65504).
+        """
         size = self.comm.size
         seg = self.model.grad_buffer[b.start : b.stop]
-        seg /= global_batch_size  # scale first: the fp16 values are parts of the mean, far from overflow
+        seg /= size
         n, block = len(seg), len(b.send16) // size
         b.send16[:n] = seg
         self.comm.alltoall(b.send16, b.recv16)  # block i of recv16: rank i's values of my block
