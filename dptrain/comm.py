@@ -79,6 +79,10 @@ class SingleProcessComm:
         """Sum ``buf`` over all ranks, in place; returns buf."""
         return buf
 
+    def allreduce_max(self, buf: np.ndarray) -> np.ndarray:
+        """Elementwise maximum of ``buf`` over all ranks, in place; returns buf."""
+        return buf
+
     def iallreduce_sum(self, buf: np.ndarray) -> "_Done":
         """Start summing ``buf`` in place over all ranks; ``.wait()`` on the result completes it."""
         return _DONE
@@ -148,6 +152,10 @@ class MPIComm:
 
     def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
         self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+        return buf
+
+    def allreduce_max(self, buf: np.ndarray) -> np.ndarray:
+        self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MAX)
         return buf
 
     def iallreduce_sum(self, buf: np.ndarray):

@@ -9,7 +9,8 @@ Three ways, one result (the mean gradient over the global batch, identical on ev
   buckets);
 * ``compression = "fp16"``: each bucket goes out in half precision (half the bytes) through an
   Alltoall; each rank sums its block of the buffer in the training dtype, and the sums are
-  allgathered, again in half precision. Gradients are sent divided by the world size.
+  allgathered, again in half precision. Each bucket is scaled by a power of two agreed by all
+  ranks, so values are neither subnormal nor overflowing in fp16.
 
 The optimizer never sees any of this: it finds the averaged gradient in ``model.grad_buffer``.
 """
@@ -32,6 +33,9 @@ class Bucket:
     pending: object = None
     send16: np.ndarray | None = None  # fp16 compression buffers, allocated once
     recv16: np.ndarray | None = None
+
+
+FP16_TARGET = 2.0**14  # the largest |sum over ranks| aimed for, well under fp16's 65504
 
 
 def all_finite(values: np.ndarray) -> bool:
@@ -77,6 +81,7 @@ class GradientExchange:
         self.buckets = plan_buckets(model, bucket_bytes)
         self.overlap = bucket_bytes > 0 and comm.size > 1 and compression == "none"
         self._by_layer = {b.first_layer: b for b in self.buckets}
+        self._peak = np.zeros(1, dtype=np.float64)
         self._started: list[Bucket] = []
         if compression == "fp16" and comm.size > 1:
             for b in self.buckets:
@@ -108,7 +113,7 @@ class GradientExchange:
         if self.compression == "fp16":
             for b in self.buckets:
                 self._exchange_fp16(b)
-            return self.comm.size / global_batch_size  # fp16 carried the sums divided by the world size
+            return 1.0 / global_batch_size
         if self.overlap:
             for b in self.buckets:
                 if b.pending is None:  # a bucket whose layers had no after_layer call
@@ -123,19 +128,28 @@ class GradientExchange:
     def _exchange_fp16(self, b: Bucket) -> None:
         """Half-precision transport, sums in the training dtype: Alltoall, local sum, Allgather.
 
-        Each rank sends its shard's gradient sum divided by the world size (as PyTorch's
-        fp16_compress_hook does): large enough to stay clear of fp16's subnormals (< 6e-5, slow and
-        imprecise), small enough that the sum of all ranks stays far below its overflow (65504).
+        The bucket is first multiplied by a power of two, the same on every rank, chosen from the
+        largest magnitude on any rank so that the sum over the ranks stays below fp16's maximum
+        (65504) while small gradients stay clear of its subnormals (< 6e-5: imprecise, and ~10x
+        slower to convert). Powers of two scale without rounding; the scale is undone on arrival.
         """
         size = self.comm.size
         seg = self.model.grad_buffer[b.start : b.stop]
-        seg /= size
+        peak = self._peak
+        peak[0] = max(seg.max(), -seg.min()) if len(seg) else 0.0  # no temporary, NaN propagates
+        self.comm.allreduce_max(peak)
+        exponent = 0
+        if 0 < peak[0] < np.inf:
+            exponent = int(np.floor(np.log2(FP16_TARGET / (peak[0] * size))))
+        scale = 2.0**exponent  # may be NaN/inf-free; a NaN gradient stays NaN and is caught after
         n, block = len(seg), len(b.send16) // size
-        b.send16[:n] = seg
+        seg *= scale
+        np.copyto(b.send16[:n], seg, casting="same_kind")
         self.comm.alltoall(b.send16, b.recv16)  # block i of recv16: rank i's values of my block
         mine = b.recv16.reshape(size, block).astype(seg.dtype).sum(axis=0)  # in the training dtype
         gathered = self.comm.allgather(mine.astype(np.float16))  # (size, block)
-        seg[:] = gathered.reshape(-1)[:n]
+        np.copyto(seg, gathered.reshape(-1)[:n])  # a plain cast: a ufunc would compute in software fp16
+        seg *= 1.0 / scale
 
 
 class ShardedUpdate:
