@@ -12,7 +12,15 @@ __version__ = "0.1.0"
 
 from .comm import make_comm  # noqa: E402
 from .config import Config, load_config  # noqa: E402
-from .nn import Dense, MeanSquaredError, ReLU, Sequential, Sigmoid, SoftmaxCrossEntropy, Tanh  # noqa: E402
+from .nn import (  # noqa: E402
+    Dense,
+    MeanSquaredError,
+    ReLU,
+    Sequential,
+    Sigmoid,
+    SoftmaxCrossEntropy,
+    Tanh,
+)
 from .optim import SGD  # noqa: E402
 from .trainer import Callback, CheckpointPolicy, Trainer  # noqa: E402
 

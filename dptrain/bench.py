@@ -34,12 +34,8 @@ import numpy as np
 
 from . import __version__
 from .build import (
-    build_loss,
-    build_model,
-    build_optimizer,
+    build_parts,
     build_trainer,
-    load_dataset,
-    train_val_split,
 )
 from .comm import launched_by_mpi
 from .config import Config, load_config
@@ -264,18 +260,10 @@ def run_bench(comm, config_path: str | None = None, overrides: tuple[str, ...] |
     error = None
     try:
         config = bench_config(config_path, overrides, comm.size, per_rank_batch)
-        dataset = load_dataset(config)
-        train_set, _ = train_val_split(config, dataset)
-        if len(train_set) < comm.size:
-            raise UserError(f"data {dataset.source}: {len(train_set)} training samples for {comm.size} ranks; "
-                            f"need at least one per rank")
-        loss = build_loss(config, dataset)
-        model = build_model(config, dataset.n_features, dataset.n_outputs)
-        optimizer = build_optimizer(config, model)
-        trainer = build_trainer(config, model, loss, optimizer, train_set, None, comm,
+        parts = build_parts(config, comm.size)
+        train_set, model = parts.train_set, parts.model
+        trainer = build_trainer(config, model, parts.loss, parts.optimizer, train_set, None, comm,
                                 stop_on_signals=False, log=None)
-    except MemoryError as exc:
-        error = UserError(f"not enough memory for the data and model of this config ({exc or 'MemoryError'})")
     except UserError as exc:
         if debug:
             raise
@@ -351,7 +339,7 @@ def run_bench(comm, config_path: str | None = None, overrides: tuple[str, ...] |
         "optimizer": config.to_dict()["optim"],
         "dtype": config.train.dtype,
         "batch": {"per_rank": per_rank} if per_rank is not None else {"global": config.train.batch_size},
-        "data": {"source": dataset.source, "n_train": len(train_set)},
+        "data": {"source": parts.dataset.source, "n_train": len(train_set)},
         "overrides": list(overrides),
         "steps": steps,
         "warmup": warmup,

@@ -6,6 +6,8 @@ A user who outgrows configs can skip this module and build the same objects by h
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from . import data as data_mod
@@ -99,3 +101,31 @@ def build_trainer(config: Config, model: Sequential, loss: Loss, optimizer, trai
                    on_nan=t.on_nan, check_sync_every=t.check_sync_every, accumulate=t.accumulate,
                    bucket_mb=config.comm.bucket_mb, compression=config.comm.compression,
                    shard_optimizer=config.optim.shard, **options)
+
+
+@dataclass
+class RunParts:
+    """What a training run is made of, before the Trainer."""
+
+    dataset: Dataset
+    train_set: Dataset
+    val_set: Dataset
+    loss: Loss
+    model: Sequential
+    optimizer: object
+
+
+def build_parts(config: Config, world_size: int = 1) -> RunParts:
+    """Data, split, loss, model and optimizer of ``config``; UserError for anything that cannot run
+    (including too few training samples for ``world_size`` ranks, or not enough memory)."""
+    try:
+        dataset = load_dataset(config)
+        train_set, val_set = train_val_split(config, dataset)
+        if len(train_set) < world_size:
+            raise UserError(f"data {dataset.source}: {len(train_set)} training samples for {world_size} ranks; "
+                            f"need at least one per rank")
+        loss = build_loss(config, dataset)
+        model = build_model(config, dataset.n_features, dataset.n_outputs)
+        return RunParts(dataset, train_set, val_set, loss, model, build_optimizer(config, model))
+    except MemoryError as exc:
+        raise UserError(f"not enough memory for the data and model of this config ({exc or 'MemoryError'})") from None

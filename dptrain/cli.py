@@ -27,7 +27,7 @@ from .bench import bench_command
 from .build import (
     build_loss,
     build_model,
-    build_optimizer,
+    build_parts,
     build_trainer,
     load_dataset,
     train_val_split,
@@ -193,21 +193,13 @@ def _train(comm, config_path, overrides, out, overwrite, resume, debug, stop_sig
     error, out_dir = None, None
     try:  # set-up: every rank checks its own input, then all agree before any training collective
         config = load_config(config_path, overrides)
-        dataset = load_dataset(config)
-        train_set, val_set = train_val_split(config, dataset)
-        if len(train_set) < comm.size:
-            raise UserError(f"data {dataset.source}: {len(train_set)} training samples for {comm.size} ranks; "
-                            f"need at least one per rank")
-        loss = build_loss(config, dataset)
-        model = build_model(config, dataset.n_features, dataset.n_outputs)
-        optimizer = build_optimizer(config, model)
+        parts = build_parts(config, comm.size)
+        train_set, val_set, model = parts.train_set, parts.val_set, parts.model
         checkpoint = None
         if comm.rank == 0:
             out_dir = _prepare_out_dir(out, overwrite, resume)
             if resume:
                 checkpoint = _find_checkpoint(resume, out_dir, model)
-    except MemoryError as exc:
-        error = UserError(f"not enough memory for the data and model of this config ({exc or 'MemoryError'})")
     except UserError as exc:
         if debug:
             raise
@@ -226,7 +218,7 @@ def _train(comm, config_path, overrides, out, overwrite, resume, debug, stop_sig
                    f"run folder {out_dir}")
         click.echo("resolved config:\n" + "\n".join("  " + line for line in config.to_toml().strip().splitlines()))
 
-    trainer = build_trainer(config, model, loss, optimizer, train_set, val_set, comm, out_dir=out_dir,
+    trainer = build_trainer(config, model, parts.loss, parts.optimizer, train_set, val_set, comm, out_dir=out_dir,
                             stop_on_signals=stop_signals, log=click.echo)
     if trainer.resume(checkpoint) and comm.rank == 0:
         click.echo(f"resuming from {checkpoint.path} (step {trainer.step}, epoch {trainer.epoch}, "
