@@ -89,6 +89,7 @@ def limit_threads_in_process(ranks_per_node: int) -> int | None:
     if user_set_threads(os.environ):
         return None
     n = threads_per_rank(ranks_per_node)
+    import scipy.linalg.blas  # noqa: F401 - load every BLAS dptrain uses (SGD's), so the limit reaches it too
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=n)

@@ -132,3 +132,31 @@ def test_data_file_missing_on_one_rank_names_that_rank(tmp_path):
     result = run([MPIEXEC, "-n", "2", sys.executable, str(script)], timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip() == "error (rank 1): data file x.npz: not found"
+
+
+THREADS_SCRIPT = textwrap.dedent("""
+    import numpy as np
+    from threadpoolctl import threadpool_info
+    from dptrain.comm import make_comm
+    from dptrain.launcher import limit_threads_in_process
+    from dptrain.optim import SGD
+
+    comm = make_comm()
+    limit_threads_in_process(comm.local_size)
+    SGD(np.zeros(3), np.zeros(3), lr=0.1, momentum=0.9)  # its BLAS too
+    print(comm.rank, *sorted({info["num_threads"] for info in threadpool_info()}))
+""")
+
+
+@needs_mpiexec
+def test_bare_mpirun_caps_the_threads_of_every_blas(tmp_path):
+    """Without thread variables, each of 2 ranks gets cores / 2 threads in every BLAS it loads."""
+    from dptrain.launcher import threads_per_rank
+
+    script = tmp_path / "threads.py"
+    script.write_text(THREADS_SCRIPT)
+    env = {k: "" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    result = run([MPIEXEC, "-n", "2", sys.executable, str(script)], **env)
+    assert result.returncode == 0, result.stderr
+    expected = threads_per_rank(2, environ={})
+    assert sorted(result.stdout.split("\n")[:2]) == [f"0 {expected}", f"1 {expected}"]
