@@ -263,31 +263,30 @@ def _write_executable(path: Path, text: str) -> Path:
 # Uninterrupted references (one per module)
 
 
-@pytest.fixture(scope="module")
-def long_reference(tmp_path_factory):
-    """The long config and the final (model, optimizer state) of an uninterrupted 2-rank run."""
+def _reference_run(tmp_path_factory, name: str, text: str, *extra: str):
+    """Write config ``text`` and train it uninterrupted on 2 ranks: (config path, final arrays)."""
     if MPIEXEC is None:
         pytest.skip("no mpiexec on this machine")
-    folder = tmp_path_factory.mktemp("long-reference")
-    config = folder / "long.toml"
-    config.write_text(LONG_CONFIG)
-    result = dptrain("train", "--config", str(config), "--out", str(folder / "run"), ranks=2, timeout=RUN_TIMEOUT)
+    folder = tmp_path_factory.mktemp(f"{name}-reference")
+    config = folder / f"{name}.toml"
+    config.write_text(text)
+    result = dptrain("train", "--config", str(config), "--out", str(folder / "run"), *extra, ranks=2,
+                     timeout=RUN_TIMEOUT)
     assert result.returncode == 0, result.stdout + result.stderr
     return config, final_arrays(folder / "run")
 
 
 @pytest.fixture(scope="module")
+def long_reference(tmp_path_factory):
+    """The long config and the final (model, optimizer state) of an uninterrupted 2-rank run."""
+    return _reference_run(tmp_path_factory, "long", LONG_CONFIG)
+
+
+@pytest.fixture(scope="module")
 def kill_reference(tmp_path_factory):
-    if MPIEXEC is None:
-        pytest.skip("no mpiexec on this machine")
-    folder = tmp_path_factory.mktemp("kill-reference")
-    config = folder / "kill.toml"
-    config.write_text(KILL_CONFIG)
     # Only the final checkpoint: checkpoints do not change the arithmetic, and it is much faster.
-    result = dptrain("train", "--config", str(config), "--out", str(folder / "run"),
-                     "--set", "checkpoint.every_steps=0", ranks=2, timeout=RUN_TIMEOUT)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return config, final_arrays(folder / "run")[0]
+    config, (model, _) = _reference_run(tmp_path_factory, "kill", KILL_CONFIG, "--set", "checkpoint.every_steps=0")
+    return config, model
 
 
 # ---------------------------------------------------------------------------------------------
