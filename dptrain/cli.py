@@ -135,7 +135,7 @@ def _find_checkpoint(resume: str, out_dir: Path, model) -> Checkpoint | None:
     """Rank 0 only: the checkpoint to resume from, verified and matching the model, or None."""
 
     def compatible(ckpt: Checkpoint) -> Checkpoint:
-        problem = describe_incompatibility(ckpt, {s.name: s.shape for s in model.param_specs}, model.dtype)
+        problem = describe_incompatibility(ckpt, model.state_shapes(), model.dtype)
         if problem:
             raise UserError(problem)
         return ckpt
@@ -260,7 +260,7 @@ def eval_command(checkpoint_path, as_json, comm_kind="auto", debug=False):
                 raise UserError(f"checkpoint {ckpt.path}: its config has data.val_fraction = 0, no validation split")
             loss = build_loss(config, dataset)
             model = build_model(config, dataset.n_features, dataset.n_outputs, init=False)
-            problem = describe_incompatibility(ckpt, {s.name: s.shape for s in model.param_specs}, model.dtype)
+            problem = describe_incompatibility(ckpt, model.state_shapes(), model.dtype)
             if problem:
                 raise UserError(problem)
             model.load_params(ckpt.model)

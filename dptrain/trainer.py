@@ -34,7 +34,7 @@ from .comm import SingleProcessComm
 from .data import Dataset, epoch_order, global_batch, shard, steps_per_epoch
 from .errors import DesyncError, DivergenceError, MismatchError
 from .exchange import GradientExchange, ShardedUpdate, all_finite
-from .nn import Loss, Sequential
+from .nn import BatchInfo, Loss, Sequential
 from .signals import StopOnSignal
 
 EVAL_CHUNK = 4096  # samples per forward pass in evaluation, to bound memory
@@ -138,6 +138,7 @@ class Trainer:
         self.checkpoint_policy = checkpoint
         self.config = config or {}
         self.on_nan, self.check_sync_every, self.accumulate = on_nan, check_sync_every, accumulate
+        model.bind_allreduce(self.comm.allreduce_sum)  # synchronized BatchNorm sums over the global batch
         self.exchange = GradientExchange(self.comm, model, int(bucket_mb * 2**20), compression)
         self.sharded = ShardedUpdate(self.comm, model, optimizer) if shard_optimizer else None
         self._grad_sum = np.zeros_like(model.grad_buffer) if accumulate > 1 else None
@@ -173,6 +174,7 @@ class Trainer:
         if self.accumulate == 1:
             t0 = clock()
             x, y = self.train_data.take(local)
+            self.model.begin_batch(BatchInfo(self.step, local))
             z = self.model.forward(x, train=True)
             loss_sum, dz = self.loss.value_and_grad(z, y)
             pending = self._post_control(loss_sum)
@@ -185,6 +187,7 @@ class Trainer:
             for k, part in enumerate(np.array_split(local, self.accumulate)):
                 tf = clock()
                 x, y = self.train_data.take(part)
+                self.model.begin_batch(BatchInfo(self.step, part))
                 z = self.model.forward(x, train=True)
                 part_loss, dz = self.loss.value_and_grad(z, y)
                 loss_sum += part_loss
@@ -274,7 +277,8 @@ class Trainer:
 
     def check_sync(self) -> None:
         """Compare a checksum of every rank's parameters; DesyncError names the ranks that differ."""
-        mine = np.array([zlib.crc32(self.model.param_buffer.view(np.uint8))], dtype=np.int64)
+        crc = zlib.crc32(self.model.param_buffer.view(np.uint8))
+        mine = np.array([zlib.crc32(self.model.state_buffer.view(np.uint8), crc)], dtype=np.int64)
         table = self.comm.allgather(mine)[:, 0]
         differ = [r for r in range(self.comm.size) if table[r] != table[0]]
         if differ:
@@ -301,6 +305,7 @@ class Trainer:
         if header[0] == 0:
             return False
         self.comm.broadcast(self.model.param_buffer)
+        self.comm.broadcast(self.model.state_buffer)
         state = self.optimizer.state_dict()  # the full state: rank 0's holds the checkpoint's
         for array in state.values():
             self.comm.broadcast(array)
@@ -315,8 +320,9 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
 
     def broadcast_parameters(self) -> None:
-        """Make every rank start from rank 0's parameters."""
+        """Make every rank start from rank 0's parameters and layer buffers."""
         self.comm.broadcast(self.model.param_buffer, root=0)
+        self.comm.broadcast(self.model.state_buffer, root=0)
 
     def fit(self) -> list[dict[str, Any]]:
         """Train until ``epochs`` epochs are done or a signal asks to stop.
@@ -425,9 +431,9 @@ class Trainer:
                 "config": self.config,
                 "metrics": {k: v for k, v in self.last_metrics.items() if k in
                             ("train_loss", "val_loss", "val_accuracy", "val_rmse")},
-                "params": {s.name: list(s.shape) for s in self.model.param_specs},
+                "params": {name: list(shape) for name, shape in self.model.state_shapes().items()},
             }
-            path = save_checkpoint(self.out_dir / "checkpoints", self.step, self.model.named_params(),
+            path = save_checkpoint(self.out_dir / "checkpoints", self.step, self.model.state_arrays(),
                                    state, meta, self.checkpoint_policy.keep)
         self.last_checkpoint = path
         return path

@@ -8,8 +8,16 @@ Every layer follows one contract (the local chain rule):
   gradients of the layer's parameters into ``self.grads`` (in place: they are views into the
   model's flat gradient buffer) and returns the gradient with respect to the input.
 
-Shapes: ``x`` is ``(batch, in_features)`` and ``y`` is ``(batch, out_features)``. A batch may be
-empty (a rank with no sample in a step); every layer handles ``batch == 0``.
+Shapes: ``x`` is ``(batch, *in_shape)`` and ``y`` is ``(batch, *out_shape)``, where the shapes of
+one sample come from ``output_shape`` (``(features,)`` for dense layers, ``(channels, height,
+width)`` for images, NCHW). A batch may be empty (a rank with no sample in a step); every layer
+handles ``batch == 0``.
+
+Besides parameters, a layer may keep buffers: state that is not trained by the optimizer but is
+checkpointed (BatchNorm's running statistics). A layer whose forward or backward needs sums over
+the GLOBAL batch (synchronized BatchNorm) calls ``self.allreduce_sum(array)``, which the trainer
+binds to the communicator (the identity in a single process); it must call it the same number of
+times on every rank, also for an empty batch.
 
 No allocation in the steady state: outputs and input gradients are written into workspaces
 allocated once per batch shape and reused, so an array returned by ``forward`` or ``backward`` is
@@ -20,7 +28,22 @@ from __future__ import annotations
 
 import math
 
+from dataclasses import dataclass
+
 import numpy as np
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """Which training samples a forward pass sees, for layers whose randomness must not depend on
+    the world size (Dropout draws its mask from (seed, step, sample index)).
+
+    step : the global optimizer step (0-based); sample_index : (batch,) int64, each sample's row
+    number in the training set, the same whichever rank holds it.
+    """
+
+    step: int
+    sample_index: np.ndarray
 
 
 class Layer:
@@ -29,11 +52,19 @@ class Layer:
     #: name -> array; filled by :class:`dptrain.nn.model.Sequential` with views into its flat buffers
     params: dict[str, np.ndarray]
     grads: dict[str, np.ndarray]
+    buffers: dict[str, np.ndarray]
+    #: set by Sequential.begin_batch before a training forward: which samples and step (or None)
+    batch_info: "BatchInfo | None" = None
 
     def __init__(self) -> None:
         self.params = {}
         self.grads = {}
+        self.buffers = {}
         self._workspaces: dict[tuple, np.ndarray] = {}
+
+    @staticmethod
+    def allreduce_sum(array: np.ndarray) -> None:
+        """Sum ``array`` in place over the ranks (collective); bound by the trainer, identity alone."""
 
     def workspace(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
         """A scratch array for ``name`` of this shape and dtype, allocated on first use, then reused."""
@@ -43,12 +74,21 @@ class Layer:
             array = self._workspaces[key] = np.empty(shape, dtype=dtype)
         return array
 
-    def param_shapes(self, in_features: int) -> dict[str, tuple[int, ...]]:
-        """Shapes of the parameters this layer needs for an input of ``in_features`` columns."""
+    def param_shapes(self, in_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        """Shapes of the parameters this layer needs for samples of shape ``in_shape``."""
         return {}
 
-    def output_features(self, in_features: int) -> int:
-        return in_features
+    def buffer_shapes(self, in_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        """Shapes of the non-trained state (checkpointed, not optimized) for samples of ``in_shape``."""
+        return {}
+
+    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of one output sample for one input sample of ``in_shape``; ValueError if the
+        layer cannot take that shape."""
+        return in_shape
+
+    def init_buffers(self) -> None:
+        """Fill ``self.buffers`` in place with their starting values."""
 
     def init_params(self, rng: np.random.Generator) -> None:
         """Fill ``self.params`` in place from ``rng``."""
@@ -82,11 +122,14 @@ class Dense(Layer):
         self.init = init
         self._x: np.ndarray | None = None
 
-    def param_shapes(self, in_features: int) -> dict[str, tuple[int, ...]]:
-        return {"weight": (in_features, self.out_features), "bias": (self.out_features,)}
+    def param_shapes(self, in_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        self.output_shape(in_shape)  # checks that samples are flat
+        return {"weight": (in_shape[0], self.out_features), "bias": (self.out_features,)}
 
-    def output_features(self, in_features: int) -> int:
-        return self.out_features
+    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        if len(in_shape) != 1:
+            raise ValueError(f"Dense takes flat samples, got shape {in_shape}: add a Flatten layer before it")
+        return (self.out_features,)
 
     def init_params(self, rng: np.random.Generator) -> None:
         w = self.params["weight"]

@@ -2,7 +2,8 @@
 
 All parameters are views into ``model.param_buffer`` and all gradients are views into
 ``model.grad_buffer`` (both of shape ``(n_params,)``), in layer order. The gradient exchange is
-therefore one call over one array, and the optimizer updates one array in place.
+therefore one call over one array, and the optimizer updates one array in place. Layer buffers
+(non-trained state such as BatchNorm's running statistics) are views into ``model.state_buffer``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from .layers import Layer
+from .layers import BatchInfo, Layer
 
 
 @dataclass(frozen=True)
@@ -35,40 +36,51 @@ class Sequential:
     Parameters
     ----------
     layers : the layers, applied first to last.
-    in_features : number of input columns D; inputs are arrays of shape (batch, D).
-    dtype : float32 or float64; parameters, gradients and activations all use it.
+    in_shape : the shape of one input sample: an int D for flat samples, or a tuple such as
+        (channels, height, width). Inputs are arrays of shape (batch, *in_shape), or (batch, prod)
+        flat rows, which forward reshapes (a view) to (batch, *in_shape).
+    dtype : float32 or float64; parameters, gradients, buffers and activations all use it.
+
+    ValueError if a layer cannot take the shape its predecessor gives.
     """
 
-    def __init__(self, layers: list[Layer], in_features: int, dtype=np.float32) -> None:
+    def __init__(self, layers: list[Layer], in_shape: int | tuple[int, ...], dtype=np.float32) -> None:
         self.layers = list(layers)
-        self.in_features = int(in_features)
+        self.in_shape = (int(in_shape),) if np.isscalar(in_shape) else tuple(int(d) for d in in_shape)
+        self.in_features = int(np.prod(self.in_shape))  # the width of a flat input row
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
 
         specs: list[tuple[str, int, str, tuple[int, ...]]] = []
-        width = self.in_features
+        buffer_specs: list[tuple[str, int, str, tuple[int, ...]]] = []
+        self.shapes = [self.in_shape]  # shapes[i]: one sample's shape entering layer i; [-1]: the output
         for i, layer in enumerate(self.layers):
-            for key, shape in layer.param_shapes(width).items():
-                specs.append((f"layers.{i}.{key}", i, key, tuple(int(s) for s in shape)))
-            width = layer.output_features(width)
-        self.out_features = width
+            shape = self.shapes[-1]
+            for key, pshape in layer.param_shapes(shape).items():
+                specs.append((f"layers.{i}.{key}", i, key, tuple(int(s) for s in pshape)))
+            for key, bshape in layer.buffer_shapes(shape).items():
+                buffer_specs.append((f"layers.{i}.{key}", i, key, tuple(int(s) for s in bshape)))
+            self.shapes.append(tuple(int(d) for d in layer.output_shape(shape)))
+        self.out_shape = self.shapes[-1]
+        self.out_features = int(np.prod(self.out_shape))
 
-        sizes = [int(np.prod(shape)) for *_, shape in specs]
-        offsets = [0, *accumulate(sizes)]
-        self.n_params = offsets[-1]
+        self.param_specs = _layout(specs)
+        self.n_params = sum(s.size for s in self.param_specs)
         self.param_buffer = np.zeros(self.n_params, dtype=self.dtype)
         self.grad_buffer = np.zeros(self.n_params, dtype=self.dtype)
-        self.param_specs = [
-            ParamSpec(name, i, key, shape, off, size)
-            for (name, i, key, shape), off, size in zip(specs, offsets, sizes)
-        ]
+        self.buffer_specs = _layout(buffer_specs)
+        self.state_buffer = np.zeros(sum(s.size for s in self.buffer_specs), dtype=self.dtype)
         self._first_param_layer = self.param_specs[0].layer_index if self.param_specs else len(self.layers)
         self._can_skip_dx = ["input_grad" in inspect.signature(layer.backward).parameters for layer in self.layers]
         for spec in self.param_specs:
             layer = self.layers[spec.layer_index]
             layer.params[spec.key] = self._view(self.param_buffer, spec)
             layer.grads[spec.key] = self._view(self.grad_buffer, spec)
+        for spec in self.buffer_specs:
+            self.layers[spec.layer_index].buffers[spec.key] = self._view(self.state_buffer, spec)
+        for layer in self.layers:
+            layer.init_buffers()
 
     @staticmethod
     def _view(buffer: np.ndarray, spec: ParamSpec) -> np.ndarray:
@@ -79,8 +91,21 @@ class Sequential:
         for layer in self.layers:
             layer.init_params(rng)
 
+    def bind_allreduce(self, allreduce_sum: Callable[[np.ndarray], None]) -> None:
+        """Give the layers that need global-batch sums (synchronized BatchNorm) the communicator's
+        in-place sum; the trainer calls it with ``comm.allreduce_sum``."""
+        for layer in self.layers:
+            layer.allreduce_sum = allreduce_sum
+
+    def begin_batch(self, info: BatchInfo | None) -> None:
+        """Tell the layers which training samples the next forward pass sees (None: unknown)."""
+        for layer in self.layers:
+            layer.batch_info = info
+
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
-        """x : (batch, in_features) -> output (batch, out_features)."""
+        """x : (batch, *in_shape) or flat (batch, in_features) -> output (batch, *out_shape)."""
+        if x.shape[1:] != self.in_shape:
+            x = x.reshape((len(x), *self.in_shape))
         for layer in self.layers:
             x = layer.forward(x, train)
         return x
@@ -110,24 +135,31 @@ class Sequential:
     def named_grads(self) -> dict[str, np.ndarray]:
         return {s.name: self._view(self.grad_buffer, s) for s in self.param_specs}
 
+    def named_buffers(self) -> dict[str, np.ndarray]:
+        """name -> view of a layer buffer, e.g. {"layers.1.running_mean": (C,) array, ...}."""
+        return {s.name: self._view(self.state_buffer, s) for s in self.buffer_specs}
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Everything a checkpoint holds of the model: parameters and buffers, by name."""
+        return {**self.named_params(), **self.named_buffers()}
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {s.name: s.shape for s in (*self.param_specs, *self.buffer_specs)}
+
     def load_params(self, arrays: dict[str, np.ndarray]) -> None:
-        """Copy arrays into the parameters; names and shapes must match exactly."""
-        expected = {s.name: s.shape for s in self.param_specs}
+        """Copy arrays into the parameters and buffers; names and shapes must match exactly."""
         given = {k: tuple(v.shape) for k, v in arrays.items()}
-        problems = describe_mismatch(expected, given)
+        problems = describe_mismatch(self.state_shapes(), given)
         if problems:
             raise ValueError("parameters differ from the model (given vs model): " + "; ".join(problems))
-        for name, view in self.named_params().items():
+        for name, view in self.state_arrays().items():
             view[...] = arrays[name]
 
-    def summary(self) -> list[tuple[str, int, int]]:
-        """One (description, output width, parameter count) per layer."""
-        rows, width = [], self.in_features
-        for i, layer in enumerate(self.layers):
-            width = layer.output_features(width)
-            count = sum(s.size for s in self.param_specs if s.layer_index == i)
-            rows.append((layer.describe(), width, count))
-        return rows
+    def summary(self) -> list[tuple[str, tuple[int, ...], int]]:
+        """One (description, output shape of one sample, parameter count) per layer."""
+        return [(layer.describe(), self.shapes[i + 1],
+                 sum(s.size for s in self.param_specs if s.layer_index == i))
+                for i, layer in enumerate(self.layers)]
 
 
 def describe_mismatch(expected: dict[str, tuple], given: dict[str, tuple]) -> list[str]:
@@ -142,3 +174,11 @@ def describe_mismatch(expected: dict[str, tuple], given: dict[str, tuple]) -> li
     problems += [f"{n} shape {given[n]} vs {expected[n]}" for n in expected
                  if n in given and tuple(given[n]) != tuple(expected[n])]
     return problems
+
+
+def _layout(specs: list[tuple[str, int, str, tuple[int, ...]]]) -> list[ParamSpec]:
+    """Consecutive places in one flat buffer for (name, layer index, key, shape) entries, in order."""
+    sizes = [int(np.prod(shape)) for *_, shape in specs]
+    offsets = [0, *accumulate(sizes)]
+    return [ParamSpec(name, i, key, shape, off, size)
+            for (name, i, key, shape), off, size in zip(specs, offsets, sizes)]
