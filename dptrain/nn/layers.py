@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import erf
 
 
 @dataclass(frozen=True)
@@ -202,4 +203,62 @@ class Sigmoid(Layer):
         return dx
 
 
-ACTIVATIONS: dict[str, type[Layer]] = {"relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid}
+class LeakyReLU(Layer):
+    """Elementwise x if x > 0 else negative_slope * x; dx = dy where x > 0, negative_slope * dy elsewhere."""
+
+    def __init__(self, negative_slope: float = 0.01) -> None:
+        super().__init__()
+        if not math.isfinite(negative_slope):
+            raise ValueError(f"LeakyReLU needs a finite negative_slope, got {negative_slope}")
+        self.negative_slope = float(negative_slope)
+
+    def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
+        # the local slope, exactly 1 or negative_slope, cached for backward: y = x * slope and
+        # dx = dy * slope (ufuncs ~10x faster than copyto(..., where=x > 0) on unpredictable signs)
+        positive = np.greater(x, 0, out=self.workspace("positive", x.shape, np.bool_))
+        other = np.logical_not(positive, out=self.workspace("other", x.shape, np.bool_))
+        slope = np.multiply(other, self.negative_slope, out=self.workspace("slope", x.shape, x.dtype), dtype=x.dtype)
+        np.add(slope, positive, out=slope, dtype=x.dtype)
+        self._slope = slope
+        return np.multiply(x, slope, out=self.workspace("y", x.shape, x.dtype))
+
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray:
+        return np.multiply(dy, self._slope, out=self.workspace("dx", dy.shape, dy.dtype))
+
+    def describe(self) -> str:
+        return f"LeakyReLU({self.negative_slope:g})"
+
+
+class GELU(Layer):
+    """Elementwise x * Phi(x) = 0.5 * x * (1 + erf(x / sqrt(2))), the exact (erf) form.
+
+    Phi and phi are the standard normal CDF and density; dx = dy * (Phi(x) + x * phi(x)).
+    Forward caches x and Phi(x).
+    """
+
+    _SQRT_HALF = math.sqrt(0.5)
+    _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+    def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
+        cdf = np.multiply(x, self._SQRT_HALF, out=self.workspace("cdf", x.shape, x.dtype))
+        erf(cdf, out=cdf)
+        cdf += 1
+        cdf *= 0.5
+        self._x, self._cdf = x, cdf
+        return np.multiply(x, cdf, out=self.workspace("y", x.shape, x.dtype))
+
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray:
+        x = self._x
+        dx = np.multiply(x, x, out=self.workspace("dx", dy.shape, dy.dtype))
+        dx *= -0.5
+        np.exp(dx, out=dx)
+        dx *= self._INV_SQRT_2PI  # phi(x)
+        dx *= x
+        dx += self._cdf
+        dx *= dy
+        return dx
+
+
+ACTIVATIONS: dict[str, type[Layer]] = {
+    "relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid, "leaky_relu": LeakyReLU, "gelu": GELU,
+}

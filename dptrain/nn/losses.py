@@ -11,7 +11,7 @@ import numpy as np
 
 
 class Loss:
-    #: "classification" (integer labels) or "regression" (float targets)
+    #: "classification" (integer labels), "regression" (float targets) or "multilabel" (0/1 targets)
     task: str = "classification"
 
     def value_and_grad(self, z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
@@ -82,4 +82,68 @@ class MeanSquaredError(Loss):
         return float(np.square(z - y).sum(dtype=np.float64)) / z.shape[1]
 
 
-LOSSES: dict[str, type[Loss]] = {"cross_entropy": SoftmaxCrossEntropy, "mse": MeanSquaredError}
+class BCEWithLogits(Loss):
+    """Binary cross-entropy on logits, averaged over the output columns, summed over samples.
+
+    z : (batch, k) logits; y : (batch, k) float targets in [0, 1] (usually 0 or 1; binary
+    targets come as (batch, 1), and (batch,) is accepted when k == 1).
+    Per-sample loss: mean_j max(z_ij, 0) - z_ij * y_ij + log1p(exp(-|z_ij|)), the stable form of
+    -y log sigmoid(z) - (1 - y) log(1 - sigmoid(z)) (so the global mean equals PyTorch's
+    BCEWithLogitsLoss). Gradient of the sum: (sigmoid(z) - y) / k.
+    """
+
+    task = "multilabel"
+
+    def __init__(self) -> None:
+        self._workspaces: dict[tuple, np.ndarray] = {}
+
+    def _workspace(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        key = (name, shape, np.dtype(dtype).char)
+        array = self._workspaces.get(key)
+        if array is None:
+            array = self._workspaces[key] = np.empty(shape, dtype=dtype)
+        return array
+
+    @staticmethod
+    def _check(z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        if y.shape != z.shape:
+            if z.ndim == 2 and z.shape[1] == 1 and y.shape == (len(z),):
+                return y.reshape(z.shape)
+            raise ValueError(f"BCEWithLogits needs targets of the logits' shape {z.shape}, got {y.shape}")
+        return y
+
+    def _loss_sum(self, z: np.ndarray, y: np.ndarray, use: str) -> tuple[float, np.ndarray]:
+        """(sum of per-sample losses, exp(-|z|) in a workspace reused per ``use``)."""
+        e = np.abs(z, out=self._workspace(use + "_e", z.shape, z.dtype))
+        np.negative(e, out=e)
+        np.exp(e, out=e)
+        elem = np.log1p(e, out=self._workspace(use + "_elem", z.shape, z.dtype))
+        t = np.maximum(z, 0, out=self._workspace(use + "_t", z.shape, z.dtype))
+        elem += t
+        np.multiply(z, y, out=t)
+        elem -= t
+        k = z.shape[1]
+        return float(elem.sum(dtype=np.float64)) / k, e
+
+    def value_and_grad(self, z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        y = self._check(z, y)
+        loss, e = self._loss_sum(z, y, "grad")
+        # With e = exp(-|z|) and s = e / (1 + e) = sigmoid(-|z|): sigmoid(z) - y is s - y for
+        # z < 0 and (1 - y) - s for z >= 0. Nothing overflows, and a saturated logit with the
+        # matching 0/1 target keeps its tiny gradient instead of rounding 1 - s - 1 to 0.
+        dz = np.add(e, 1, out=self._workspace("dz", z.shape, z.dtype))
+        np.reciprocal(dz, out=dz)
+        dz *= e
+        nonnegative = np.greater_equal(z, 0, out=self._workspace("nonnegative", z.shape, np.bool_))
+        np.negative(dz, out=dz, where=nonnegative)
+        dz += np.subtract(nonnegative, y, out=self._workspace("grad_t", z.shape, z.dtype), dtype=z.dtype)
+        dz *= 1.0 / z.shape[1]
+        return loss, dz
+
+    def value(self, z: np.ndarray, y: np.ndarray) -> float:
+        return self._loss_sum(z, self._check(z, y), "value")[0]
+
+
+LOSSES: dict[str, type[Loss]] = {
+    "cross_entropy": SoftmaxCrossEntropy, "mse": MeanSquaredError, "bce_with_logits": BCEWithLogits,
+}
