@@ -1,46 +1,135 @@
 """Optimizers over the model's flat parameter buffer. They know nothing about MPI.
 
-The gradient they see is already averaged over the global batch (by the trainer), so every rank
-applies the same update and the weights stay identical.
+Every rank applies the same update to the same weights, so they stay identical. The gradient an
+optimizer uses is ``grad_scale * grads``: the trainer leaves the SUM over the global batch in
+``grads`` and passes ``grad_scale = 1 / global batch size`` to :meth:`step`.
+
+Shared by all of them (torch.optim semantics; ``maximize``, ``amsgrad``, ``centered`` and the like
+are not offered):
+
+* ``lr`` is a plain attribute, read at every step: a schedule sets it before each step.
+* ``steps`` counts the updates applied so far (Adam's bias correction uses ``t = steps + 1``). It is
+  not in :meth:`state_dict`: the trainer saves and restores it (set the attribute).
+* :meth:`state_dict` holds only arrays of the shape of ``params`` (the live arrays, not copies), so
+  ZeRO-1 can shard and gather them blockwise; :meth:`load_state_dict` checks names and shapes.
+* :meth:`with_buffers` gives the same optimizer (hyperparameters, ``lr`` and ``steps``) over other
+  arrays, e.g. one rank's slice of the flat buffers; it starts with zero state.
+* Updates are in place and allocation-free: scratch arrays are allocated once, in ``__init__``
+  (``np.empty``/``np.zeros`` memory is committed on first touch, so an optimizer that never steps,
+  as the full one in sharded mode, costs no resident memory).
+* Adam, AdamW and RMSprop use NumPy ufuncs only, which round each element the same way wherever a
+  slice starts: stepping slices gives bitwise the weights of stepping the whole. SGD's BLAS axpy
+  (one pass instead of two) may differ in the last bit near a slice's end (FMA kernel vs. tail loop).
 """
 
 from __future__ import annotations
 
+import inspect
+import math
+
 import numpy as np
 
 
-class SGD:
+class _FlatOptimizer:
+    """The common part: the buffers, ``lr``, ``steps``, the checkpointable state and slicing.
+
+    params, grads : the flat buffers, 1-d of the same shape; ``params`` is updated in place,
+    ``grads`` only read. Subclasses set ``name``, ``_state_names`` and :meth:`hyperparameters`.
+    """
+
+    name = ""
+    _state_names: tuple[str, ...] = ()
+
+    def __init__(self, params: np.ndarray, grads: np.ndarray, lr: float) -> None:
+        if params.ndim != 1 or grads.shape != params.shape:
+            raise ValueError(f"params and grads must be 1-d of the same shape, got {params.shape} and {grads.shape}")
+        _require(math.isfinite(lr) and lr > 0, f"lr must be > 0, got {lr}")
+        self.params, self.grads = params, grads
+        self.lr = float(lr)
+        self.steps = 0
+
+    def hyperparameters(self) -> dict:
+        """The keyword arguments that rebuild this optimizer (``lr`` is the current one)."""
+        raise NotImplementedError
+
+    def step(self, grad_scale: float = 1.0) -> None:
+        raise NotImplementedError
+
+    def with_buffers(self, params: np.ndarray, grads: np.ndarray):
+        """The same optimizer over other arrays, e.g. one rank's slice of the flat buffers (ZeRO-1).
+
+        Hyperparameters, ``lr`` and ``steps`` are copied; the state starts at zero (load it)."""
+        # lr is copied as an attribute: a schedule may have set a value __init__ refuses (0 at the end of a cosine)
+        opt = type(self)(params, grads, **{**self.hyperparameters(), "lr": 1.0})
+        opt.lr, opt.steps = self.lr, self.steps
+        return opt
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The arrays to checkpoint (independent of the world size), each of the shape of ``params``.
+
+        These are the optimizer's own arrays, not copies (the trainer broadcasts into them)."""
+        return {name: getattr(self, name) for name in self._state_names}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Copy ``state`` into the optimizer's arrays. Every array must be present with the shape of
+        ``params`` and nothing else may be there; otherwise ValueError, and nothing is changed."""
+        keeps = ", ".join(self._state_names)
+        for name in self._state_names:
+            expected = getattr(self, name).shape
+            if name not in state:
+                raise ValueError(f"optimizer state {name} is missing ({self.name} keeps {keeps})")
+            if np.shape(state[name]) != expected:
+                raise ValueError(f"optimizer state {name} has shape {np.shape(state[name])}, expected {expected}")
+        unexpected = sorted(set(state) - set(self._state_names))
+        if unexpected:
+            raise ValueError(f"optimizer state has unexpected arrays {', '.join(map(str, unexpected))} "
+                             f"({self.name} keeps {keeps})")
+        for name in self._state_names:
+            getattr(self, name)[...] = state[name]
+
+    def _gradient(self, grad_scale: float, weight_decay: float) -> np.ndarray:
+        """``grad_scale * grads + weight_decay * params``: ``grads`` itself when that is all it is,
+        else written into the scratch array ``self._grad`` (using ``self._scratch`` on the way)."""
+        if grad_scale == 1.0 and not weight_decay:
+            return self.grads
+        g = np.multiply(self.grads, grad_scale, out=self._grad)
+        if weight_decay:
+            np.add(g, np.multiply(self.params, weight_decay, out=self._scratch), out=g)
+        return g
+
+
+class SGD(_FlatOptimizer):
     """Stochastic gradient descent with momentum, Nesterov momentum and L2 weight decay.
 
-    Same semantics as ``torch.optim.SGD`` (dampening 0)::
+    Same semantics as ``torch.optim.SGD`` (dampening 0), with ``grad = grad_scale * grads``::
 
         g = grad + weight_decay * p
         buf = momentum * buf + g                 (buf starts at 0)
         g = g + momentum * buf   if nesterov else buf
         p -= lr * g
 
-    params, grads : the flat buffers, shape (n_params,); updated in place.
+    params, grads : the flat buffers, shape (n_params,); params updated in place.
+    State: ``momentum_buffer`` (kept, as zeros, even without momentum).
     """
 
     name = "sgd"
+    _state_names = ("momentum_buffer",)
 
     def __init__(self, params: np.ndarray, grads: np.ndarray, lr: float = 0.01, momentum: float = 0.0,
                  nesterov: bool = False, weight_decay: float = 0.0) -> None:
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        if nesterov and momentum == 0:
-            raise ValueError("nesterov needs momentum > 0")
-        self.params, self.grads = params, grads
-        self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
+        super().__init__(params, grads, lr)
+        _require(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
+        _require(math.isfinite(weight_decay) and weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
+        _require(not (nesterov and momentum == 0), "nesterov needs momentum > 0")
+        self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.nesterov = bool(nesterov)
         self.momentum_buffer = np.zeros_like(params)
         self._decayed = np.empty_like(params) if self.weight_decay else None
         self._direction = np.empty_like(params) if self.nesterov else None
         self._blas = _in_place_blas(params)
+
+    def hyperparameters(self) -> dict:
+        return dict(lr=self.lr, momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay)
 
     def step(self, grad_scale: float = 1.0) -> None:
         """Update ``params`` in place with the gradient ``grad_scale * grads``.
@@ -56,35 +145,156 @@ class SGD:
             a = 1.0
         if not self.momentum:
             axpy(g, self.params, a=-self.lr * a)
-            return
-        buf = self.momentum_buffer
-        scal(self.momentum, buf)
-        axpy(g, buf, a=a)  # buf = momentum * buf + g
-        if self.nesterov:  # direction = g + momentum * buf
-            d = np.multiply(buf, self.momentum, out=self._direction)
-            axpy(g, d, a=a)
-            axpy(d, self.params, a=-self.lr)
         else:
-            axpy(buf, self.params, a=-self.lr)
+            buf = self.momentum_buffer
+            scal(self.momentum, buf)
+            axpy(g, buf, a=a)  # buf = momentum * buf + g
+            if self.nesterov:  # direction = g + momentum * buf
+                d = np.multiply(buf, self.momentum, out=self._direction)
+                axpy(g, d, a=a)
+                axpy(d, self.params, a=-self.lr)
+            else:
+                axpy(buf, self.params, a=-self.lr)
+        self.steps += 1
 
-    def with_buffers(self, params: np.ndarray, grads: np.ndarray) -> "SGD":
-        """The same optimizer over other arrays, e.g. one rank's slice of the flat buffers (ZeRO-1)."""
-        return SGD(params, grads, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov,
-                   weight_decay=self.weight_decay)
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Arrays to checkpoint (independent of the world size), each of the shape of ``params``.
+class Adam(_FlatOptimizer):
+    """Adam (Kingma & Ba, 2015) with L2 weight decay added to the gradient: ``torch.optim.Adam``.
 
-        (np.zeros memory is committed on first touch: an optimizer that is never stepped, as the
-        full one in sharded mode, costs no resident memory.)"""
-        return {"momentum_buffer": self.momentum_buffer}
+    With ``grad = grad_scale * grads`` and ``t = steps + 1`` (1 at the first step)::
 
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        buf = state.get("momentum_buffer")
-        if buf is None or buf.shape != self.momentum_buffer.shape:
-            got = None if buf is None else buf.shape
-            raise ValueError(f"optimizer state momentum_buffer has shape {got}, expected {self.momentum_buffer.shape}")
-        self.momentum_buffer[...] = buf
+        g = grad + weight_decay * p
+        m = beta1 * m + (1 - beta1) * g          (exp_avg, starts at 0)
+        v = beta2 * v + (1 - beta2) * g * g      (exp_avg_sq, starts at 0)
+        p -= lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
+
+    params, grads : the flat buffers, shape (n_params,); params updated in place.
+    State: ``exp_avg``, ``exp_avg_sq``; plus two scratch arrays of the same size.
+    """
+
+    name = "adam"
+    _state_names = ("exp_avg", "exp_avg_sq")
+    _decoupled = False  # AdamW: weight decay multiplies p instead of joining the gradient
+
+    def __init__(self, params: np.ndarray, grads: np.ndarray, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        super().__init__(params, grads, lr)
+        self.betas = _betas(betas)
+        self.eps = _eps(eps)
+        _require(math.isfinite(weight_decay) and weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
+        self.weight_decay = float(weight_decay)
+        self.exp_avg = np.zeros_like(params)
+        self.exp_avg_sq = np.zeros_like(params)
+        self._grad = np.empty_like(params)
+        self._scratch = np.empty_like(params)
+
+    def hyperparameters(self) -> dict:
+        return dict(lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
+
+    def step(self, grad_scale: float = 1.0) -> None:
+        """Update ``params`` in place with the gradient ``grad_scale * grads`` (in the order of torch's
+        single-tensor implementation)."""
+        beta1, beta2 = self.betas
+        p, m, v, tmp = self.params, self.exp_avg, self.exp_avg_sq, self._scratch
+        t = self.steps + 1
+        if self._decoupled and self.weight_decay:
+            np.multiply(p, 1.0 - self.lr * self.weight_decay, out=p)
+        g = self._gradient(grad_scale, 0.0 if self._decoupled else self.weight_decay)
+        np.add(m, np.multiply(np.subtract(g, m, out=tmp), 1.0 - beta1, out=tmp), out=m)  # torch's lerp
+        np.multiply(v, beta2, out=v)
+        np.add(v, np.multiply(np.multiply(g, g, out=tmp), 1.0 - beta2, out=tmp), out=v)
+        bias_correction1 = 1.0 - beta1**t
+        bias_correction2_sqrt = (1.0 - beta2**t) ** 0.5
+        denom = np.add(np.divide(np.sqrt(v, out=tmp), bias_correction2_sqrt, out=tmp), self.eps, out=tmp)
+        update = np.divide(m, denom, out=tmp)
+        np.subtract(p, np.multiply(update, self.lr / bias_correction1, out=tmp), out=p)
+        self.steps = t
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter, 2019): ``torch.optim.AdamW``.
+
+    As :class:`Adam` without the L2 term in the gradient, after shrinking the weights first::
+
+        p *= 1 - lr * weight_decay
+        g = grad
+        (then m, v and p as in Adam)
+    """
+
+    name = "adamw"
+    _decoupled = True
+
+    def __init__(self, params: np.ndarray, grads: np.ndarray, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01) -> None:
+        super().__init__(params, grads, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+class RMSprop(_FlatOptimizer):
+    """RMSprop (Hinton, 2012) as ``torch.optim.RMSprop`` with ``centered=False``.
+
+    With ``grad = grad_scale * grads``::
+
+        g = grad + weight_decay * p
+        s = alpha * s + (1 - alpha) * g * g      (square_avg, starts at 0)
+        if momentum: buf = momentum * buf + g / (sqrt(s) + eps)    (buf starts at 0)
+                     p -= lr * buf
+        else:        p -= lr * g / (sqrt(s) + eps)
+
+    params, grads : the flat buffers, shape (n_params,); params updated in place.
+    State: ``square_avg``, and ``momentum_buffer`` only when momentum > 0 (as torch); plus two
+    scratch arrays of the same size.
+    """
+
+    name = "rmsprop"
+
+    def __init__(self, params: np.ndarray, grads: np.ndarray, lr: float = 0.01, alpha: float = 0.99,
+                 eps: float = 1e-8, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+        super().__init__(params, grads, lr)
+        _require(0 <= alpha < 1, f"alpha must be in [0, 1), got {alpha}")
+        self.eps = _eps(eps)
+        _require(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
+        _require(math.isfinite(weight_decay) and weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
+        self.alpha, self.momentum, self.weight_decay = float(alpha), float(momentum), float(weight_decay)
+        self._state_names = ("square_avg", "momentum_buffer") if self.momentum else ("square_avg",)
+        self.square_avg = np.zeros_like(params)
+        self.momentum_buffer = np.zeros_like(params) if self.momentum else None
+        self._grad = np.empty_like(params)
+        self._scratch = np.empty_like(params)
+
+    def hyperparameters(self) -> dict:
+        return dict(lr=self.lr, alpha=self.alpha, eps=self.eps, momentum=self.momentum, weight_decay=self.weight_decay)
+
+    def step(self, grad_scale: float = 1.0) -> None:
+        """Update ``params`` in place with the gradient ``grad_scale * grads`` (in torch's order)."""
+        p, s, tmp = self.params, self.square_avg, self._scratch
+        g = self._gradient(grad_scale, self.weight_decay)
+        np.multiply(s, self.alpha, out=s)
+        np.add(s, np.multiply(np.multiply(g, g, out=tmp), 1.0 - self.alpha, out=tmp), out=s)
+        update = np.divide(g, np.add(np.sqrt(s, out=tmp), self.eps, out=tmp), out=tmp)  # g / (sqrt(s) + eps)
+        if self.momentum:
+            buf = self.momentum_buffer
+            update = np.add(np.multiply(buf, self.momentum, out=buf), update, out=buf)
+        np.subtract(p, np.multiply(update, self.lr, out=tmp), out=p)
+        self.steps += 1
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _betas(betas) -> tuple[float, float]:
+    try:
+        beta1, beta2 = (float(b) for b in betas)
+    except (TypeError, ValueError):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}") from None
+    _require(0 <= beta1 < 1 and 0 <= beta2 < 1, f"betas must be two numbers in [0, 1), got {betas!r}")
+    return beta1, beta2
+
+
+def _eps(eps: float) -> float:
+    _require(math.isfinite(eps) and eps > 0, f"eps must be > 0, got {eps}")
+    return float(eps)
 
 
 def _single_thread_private_blas() -> None:
@@ -124,4 +334,12 @@ def _in_place_blas(like: np.ndarray):
     return axpy, scal
 
 
-OPTIMIZERS = {"sgd": SGD}
+OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop}
+
+
+def hyperparameter_names(name: str) -> set[str]:
+    """The keyword arguments ``OPTIMIZERS[name]`` accepts besides the buffers, e.g. to pass it only
+    the config fields it knows: ``{"lr", "betas", "eps", "weight_decay"}`` for ``"adam"``."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    return set(inspect.signature(OPTIMIZERS[name]).parameters) - {"params", "grads"}
