@@ -12,10 +12,13 @@ import numpy as np
 
 from . import data as data_mod
 from .config import Config
-from .data import Dataset
+from .data import Dataset, steps_per_epoch
+from .early_stopping import EarlyStopping
 from .errors import UserError
-from .nn import ACTIVATIONS, LOSSES, Dense, Loss, Sequential
-from .optim import OPTIMIZERS
+from .layer_specs import make_layer
+from .nn import ACTIVATIONS, LOSSES, Dense, Flatten, Loss, Sequential
+from .optim import OPTIMIZERS, hyperparameter_names
+from .schedules import Schedule, make_schedule, scaled_lr
 from .trainer import CheckpointPolicy, Trainer
 
 _MODEL_INIT_STREAM = 10
@@ -51,7 +54,17 @@ def train_val_split(config: Config, dataset: Dataset) -> tuple[Dataset, Dataset]
 
 
 def build_loss(config: Config, dataset: Dataset) -> Loss:
+    """The loss of ``train.loss``; UserError if the data's targets do not suit it."""
     loss = LOSSES[config.train.loss]()
+    if loss.task == "multilabel":  # float targets, each in [0, 1]
+        if dataset.task != "regression":
+            raise UserError(f"train.loss = {config.train.loss!r} needs float targets in [0, 1] (one column per "
+                            f"label), but data {dataset.source} has integer class labels")
+        y = np.asarray(dataset.base_y)
+        if y.size and not (np.all(y >= 0) and np.all(y <= 1)):
+            raise UserError(f"train.loss = {config.train.loss!r} needs targets in [0, 1], but data "
+                            f"{dataset.source} has targets from {y.min():g} to {y.max():g}")
+        return loss
     if loss.task != dataset.task:
         kind = "integer class labels" if loss.task == "classification" else "float regression targets"
         raise UserError(f"train.loss = {config.train.loss!r} needs {kind}, but data {dataset.source} has "
@@ -59,48 +72,102 @@ def build_loss(config: Config, dataset: Dataset) -> Loss:
     return loss
 
 
-def build_model(config: Config, n_features: int, n_outputs: int, init: bool = True) -> Sequential:
-    """MLP: Dense(h) + activation for each width in model.hidden, then Dense(n_outputs).
+def sample_shape(config: Config, n_features: int) -> tuple[int, ...]:
+    """One sample's shape: ``data.shape`` if given (its product must be the number of features)."""
+    shape = tuple(config.data.shape)
+    if not shape:
+        return (n_features,)
+    if int(np.prod(shape)) != n_features:
+        raise UserError(f"data.shape = {list(shape)} holds {int(np.prod(shape))} values, but the data has "
+                        f"{n_features} features per sample")
+    return shape
 
-    Hidden layers use He initialisation after ReLU and Xavier otherwise; the output layer Xavier.
+
+def build_layers(config: Config, in_shape: tuple[int, ...], n_outputs: int) -> list:
+    """The layers of ``model.layers`` (or of ``model.hidden`` + ``model.activation``), then the
+    output layer: a Dense(n_outputs) with Xavier initialisation, after a Flatten if needed.
+
+    Hidden Dense layers of ``model.hidden`` use He initialisation after ReLU-like activations and
+    Xavier otherwise.
+    """
+    m = config.model
+    if m.layers:
+        layers = [make_layer(table, i, config.seed) for i, table in enumerate(m.layers)]
+    else:
+        activation = ACTIVATIONS[m.activation]
+        init_name = "he" if m.activation in ("relu", "leaky_relu", "gelu") else "xavier"
+        layers = []
+        for width in m.hidden:
+            layers += [Dense(width, init=init_name), activation()]
+    shape = in_shape
+    for i, layer in enumerate(layers):
+        try:
+            shape = layer.output_shape(shape)
+        except ValueError as exc:
+            raise UserError(f"model.layers[{i}] ({layer.describe()}) cannot take samples of shape "
+                            f"{list(shape)}: {exc}") from None
+    if len(shape) != 1:
+        layers.append(Flatten())
+    layers.append(Dense(n_outputs, init="xavier"))
+    return layers
+
+
+def build_model(config: Config, n_features: int, n_outputs: int, init: bool = True) -> Sequential:
+    """The model of ``config`` for samples of ``n_features`` values (shaped by ``data.shape``).
+
     Parameters are drawn from a Generator seeded by ``config.seed`` (the trainer still broadcasts
     rank 0's so every rank starts from the same weights whatever its NumPy).
     """
-    widths = [n_features, *config.model.hidden, n_outputs]
-    n_params = sum((a + 1) * b for a, b in zip(widths, widths[1:]))
+    in_shape = sample_shape(config, n_features)
+    layers = build_layers(config, in_shape, n_outputs)
+    n_params, shape = 0, in_shape  # counted before anything is allocated
+    for layer in layers:
+        n_params += sum(int(np.prod(s, dtype=object)) for s in layer.param_shapes(shape).values())
+        shape = layer.output_shape(shape)
     if n_params > MAX_PARAMS:
-        raise UserError(f"model.hidden = {list(config.model.hidden)} gives {n_params:,} parameters for "
-                        f"{n_features} inputs; more than {MAX_PARAMS:,} is not supported")
-    activation = ACTIVATIONS[config.model.activation]
-    init_name = "he" if config.model.activation == "relu" else "xavier"
-    layers = []
-    for width in config.model.hidden:
-        layers += [Dense(width, init=init_name), activation()]
-    layers.append(Dense(n_outputs, init="xavier"))
-    model = Sequential(layers, n_features, dtype=np.dtype(config.train.dtype))
+        what = f"model.hidden = {list(config.model.hidden)}" if not config.model.layers else "model.layers"
+        raise UserError(f"{what} gives {n_params:,} parameters for {n_features} inputs; "
+                        f"more than {MAX_PARAMS:,} is not supported")
+    model = Sequential(layers, in_shape, dtype=np.dtype(config.train.dtype))
     if init:
         model.init_params(np.random.default_rng([config.seed, _MODEL_INIT_STREAM]))
     return model
 
 
 def build_optimizer(config: Config, model: Sequential):
+    """The optimizer of ``optim.name`` over the model's flat buffers, with the config's values for
+    the hyperparameters it takes (its lr is then set by the schedule before each step)."""
     o = config.optim
-    cls = OPTIMIZERS[o.name]
-    return cls(model.param_buffer, model.grad_buffer, lr=o.lr, momentum=o.momentum,
-               nesterov=o.nesterov, weight_decay=o.weight_decay)
+    kwargs = {k: getattr(o, k) for k in hyperparameter_names(o.name)}
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    return OPTIMIZERS[o.name](model.param_buffer, model.grad_buffer, **kwargs)
+
+
+def build_schedule(config: Config, steps_per_epoch: int) -> Schedule:
+    """The learning rate per optimizer step: ``optim.schedule`` after ``optim.warmup_epochs`` of
+    linear warmup, from optim.lr (times global batch / ``optim.lr_reference_batch`` if set)."""
+    o, total = config.optim, config.train.epochs * steps_per_epoch
+    base = scaled_lr(o.lr, config.train.batch_size, o.lr_reference_batch)
+    warmup = min(round(o.warmup_epochs * steps_per_epoch), total - 1)
+    return make_schedule(o.schedule, base, total, warmup_steps=warmup, step_size=o.step_epochs * steps_per_epoch,
+                         gamma=o.gamma, min_lr=o.min_lr)
 
 
 def build_trainer(config: Config, model: Sequential, loss: Loss, optimizer, train_set: Dataset,
                   val_set: Dataset | None, comm, **options) -> Trainer:
     """A Trainer with every training setting of ``config``; ``options`` go to Trainer as they are
     (out_dir, stop_on_signals, callbacks, log)."""
-    c, t = config.checkpoint, config.train
+    c, t, e = config.checkpoint, config.train, config.early_stopping
+    early = EarlyStopping(e.patience, e.metric, e.min_delta) if e.patience else None
     return Trainer(model, loss, optimizer, train_set, val_set, batch_size=t.batch_size, epochs=t.epochs,
                    seed=config.seed, shuffle=config.data.shuffle, comm=comm,
                    checkpoint=CheckpointPolicy(c.every_steps, c.every_epochs, c.keep), config=config.to_dict(),
                    on_nan=t.on_nan, check_sync_every=t.check_sync_every, accumulate=t.accumulate,
                    bucket_mb=config.comm.bucket_mb, compression=config.comm.compression,
-                   shard_optimizer=config.optim.shard, **options)
+                   shard_optimizer=config.optim.shard,
+                   lr_schedule=build_schedule(config, steps_per_epoch(len(train_set), t.batch_size)),
+                   clip_norm=config.optim.clip_norm, early_stopping=early, **options)
 
 
 @dataclass

@@ -349,3 +349,38 @@ def bench(config_path, overrides, ranks, steps, warmup, per_rank_batch, as_json,
     """
     bench_command(config_path, overrides, ranks, steps, warmup, per_rank_batch, as_json, mpirun, comm_kind,
                   debug, echo=click.echo)
+
+
+@main.group("model", context_settings=CONTEXT)
+def model_group() -> None:
+    """Inspect the model a config describes."""
+
+
+@model_group.command("summary", context_settings=CONTEXT)
+@click.option("--config", "config_path", type=click.Path(), default=None,
+              help="TOML config file [default: the built-in digits MLP].")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key, e.g. --set model.hidden=[256] (repeatable).")
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+@_reports_errors
+def model_summary(config_path, overrides, debug=False):
+    """Print each layer, the shape of one sample after it, its parameter count, and the totals.
+
+    The input shape comes from the data (data.shape), the output width from the data and loss.
+    """
+    config = load_config(config_path, overrides)
+    dataset = load_dataset(config)
+    model = build_model(config, dataset.n_features, dataset.n_outputs, init=False)
+    rows = [("#", "layer", "output shape", "parameters"), ("", "input", _shape_text(model.in_shape), "")]
+    rows += [(str(i), desc, _shape_text(shape), f"{count:,}") for i, (desc, shape, count) in enumerate(model.summary())]
+    widths = [max(len(r[j]) for r in rows) for j in range(4)]
+    for r in rows:
+        click.echo(f"{r[0]:>{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>{widths[3]}}".rstrip())
+    n_buffers = len(model.state_buffer)
+    click.echo(f"total: {model.n_params:,} parameters ({model.n_params * model.dtype.itemsize / 2**20:.2f} MiB "
+               f"as {model.dtype})" + (f", {n_buffers:,} buffer values" if n_buffers else "")
+               + f"; data {dataset.source}: {len(dataset)} samples, {dataset.n_outputs} outputs")
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"

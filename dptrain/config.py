@@ -22,9 +22,11 @@ else:  # pragma: no cover
 from .errors import UserError
 
 DATASETS = ("digits", "synthetic", "npz")
-ACTIVATION_NAMES = ("relu", "tanh", "sigmoid")
-LOSS_NAMES = ("cross_entropy", "mse")
-OPTIMIZER_NAMES = ("sgd",)
+ACTIVATION_NAMES = ("relu", "tanh", "sigmoid", "leaky_relu", "gelu")
+LOSS_NAMES = ("cross_entropy", "mse", "bce_with_logits")
+OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "rmsprop")
+SCHEDULES = ("constant", "step", "cosine")
+MONITORED_METRICS = ("val_loss", "val_accuracy", "val_rmse")
 DTYPES = ("float32", "float64")
 COMPRESSIONS = ("none", "fp16")
 MAX_WIDTH = 2**20  # layer widths, features and classes: beyond this a typo, not a model
@@ -40,12 +42,16 @@ class DataConfig:
     n_samples: int = 2000  # synthetic only
     n_features: int = 20  # synthetic only
     n_classes: int = 4  # synthetic only
+    shape: tuple[int, ...] = ()  # one sample's shape, e.g. [1, 8, 8] for images (C, H, W); () = flat
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     hidden: tuple[int, ...] = (128,)  # widths of the hidden Dense layers
-    activation: str = "relu"  # relu | tanh | sigmoid
+    activation: str = "relu"  # relu | tanh | sigmoid | leaky_relu | gelu
+    # an explicit list of layer tables, e.g. [{type = "conv2d", filters = 16, kernel = 3}], instead
+    # of hidden + activation; the output layer is added (see dptrain.layer_specs)
+    layers: tuple[dict, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,7 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 64  # the GLOBAL batch, across all ranks
     dtype: str = "float32"  # float32 | float64, for the whole run
-    loss: str = "cross_entropy"  # cross_entropy (integer labels) | mse (float targets)
+    loss: str = "cross_entropy"  # cross_entropy (integer labels) | mse (float targets) | bce_with_logits (0/1 targets)
     on_nan: str = "error"  # error: stop at a NaN/inf loss or gradient | skip: skip that update
     check_sync_every: int = 0  # compare the ranks' parameters every N steps; 0 = each epoch
     accumulate: int = 1  # micro-batches per optimizer step (gradients exchanged once per step)
@@ -61,12 +67,29 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "sgd"
+    name: str = "sgd"  # sgd | adam | adamw | rmsprop
     lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd and rmsprop
+    nesterov: bool = False  # sgd
+    weight_decay: float = 0.0  # L2 added to the gradient (sgd, adam, rmsprop); decoupled for adamw
+    betas: tuple[float, ...] = (0.9, 0.999)  # adam, adamw
+    eps: float = 1e-8  # adam, adamw, rmsprop
+    alpha: float = 0.99  # rmsprop: smoothing of the squared gradient
     shard: bool = False  # ZeRO stage 1: each rank keeps and updates 1/world of the optimizer state
+    schedule: str = "constant"  # constant | step | cosine, after the warmup
+    warmup_epochs: float = 0.0  # linear warmup to lr over this many epochs (Goyal et al., 2017)
+    step_epochs: int = 10  # schedule "step": multiply lr by gamma every step_epochs epochs
+    gamma: float = 0.1  # schedule "step"
+    min_lr: float = 0.0  # schedule "cosine": the lr it decays to by the end of training
+    lr_reference_batch: int = 0  # linear scaling rule: lr x global batch / this; 0 = off
+    clip_norm: float = 0.0  # clip the averaged gradient to this global L2 norm; 0 = off
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    patience: int = 0  # stop after this many epochs without improvement; 0 = off
+    metric: str = "val_loss"  # val_loss (lower is better) | val_accuracy | val_rmse
+    min_delta: float = 0.0  # an improvement must beat the best by more than this
 
 
 @dataclass(frozen=True)
@@ -91,6 +114,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
@@ -125,6 +149,8 @@ def _toml_value(v: Any) -> str:
         return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table, e.g. one of model.layers
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {type(v).__name__} as TOML")
 
 
@@ -134,7 +160,8 @@ def _toml_value(v: Any) -> str:
 def _describe_type(tp: Any) -> str:
     if get_origin(tp) is tuple:
         return f"a list of {_describe_type(get_args(tp)[0])}s"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            dict: "a table"}.get(tp, str(tp))
 
 
 def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
@@ -163,6 +190,10 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         if not isinstance(value, str):
             raise bad
         return value
+    if tp is dict:  # a layer table: checked key by key in layer_specs
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
     raise TypeError(tp)  # pragma: no cover - a dataclass field of an unsupported type
 
 
@@ -261,10 +292,14 @@ def validate(config: Config, where: str = "config") -> None:
         if d.n_samples * d.n_features > MAX_SYNTHETIC_VALUES:
             fail("data.n_samples", f"times data.n_features must be <= {MAX_SYNTHETIC_VALUES:,} "
                  f"(got {d.n_samples} x {d.n_features})")
+    for i, size in enumerate(d.shape):
+        if not 1 <= size <= MAX_WIDTH:
+            fail(f"data.shape[{i}]", f"must be in [1, {MAX_WIDTH}], got {size}")
     for i, width in enumerate(m.hidden):
         if not 1 <= width <= MAX_WIDTH:
             fail(f"model.hidden[{i}]", f"must be in [1, {MAX_WIDTH}], got {width}")
     choose("model.activation", m.activation, ACTIVATION_NAMES)
+    _validate_layers(m.layers, config, where)
     if t.epochs < 1:
         fail("train.epochs", f"must be >= 1, got {t.epochs}")
     if t.batch_size < 1:
@@ -279,10 +314,40 @@ def validate(config: Config, where: str = "config") -> None:
         fail("optim.lr", f"must be > 0, got {o.lr}")
     if not 0 <= o.momentum < 1:
         fail("optim.momentum", f"must be in [0, 1), got {o.momentum}")
-    if o.nesterov and o.momentum == 0:
-        fail("optim.nesterov", "needs optim.momentum > 0")
+    if o.nesterov and (o.momentum == 0 or o.name != "sgd"):
+        fail("optim.nesterov", "needs optim.name = \"sgd\" and optim.momentum > 0")
     if not (o.weight_decay >= 0 and math.isfinite(o.weight_decay)):
         fail("optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        fail("optim.betas", f"must be two numbers in [0, 1), got {list(o.betas)}")
+    if not (0 < o.eps < 1):
+        fail("optim.eps", f"must be in (0, 1), got {o.eps}")
+    if not 0 <= o.alpha < 1:
+        fail("optim.alpha", f"must be in [0, 1), got {o.alpha}")
+    choose("optim.schedule", o.schedule, SCHEDULES)
+    if not (0 <= o.warmup_epochs < t.epochs):
+        fail("optim.warmup_epochs", f"must be in [0, train.epochs = {t.epochs}), got {o.warmup_epochs}")
+    if o.step_epochs < 1:
+        fail("optim.step_epochs", f"must be >= 1, got {o.step_epochs}")
+    if not 0 < o.gamma <= 1:
+        fail("optim.gamma", f"must be in (0, 1], got {o.gamma}")
+    if not 0 <= o.min_lr < o.lr:
+        fail("optim.min_lr", f"must be in [0, optim.lr), got {o.min_lr}")
+    if o.lr_reference_batch < 0:
+        fail("optim.lr_reference_batch", f"must be >= 0 (0 = off), got {o.lr_reference_batch}")
+    if not (o.clip_norm >= 0 and math.isfinite(o.clip_norm)):
+        fail("optim.clip_norm", f"must be >= 0 (0 = off), got {o.clip_norm}")
+    e = config.early_stopping
+    if e.patience < 0:
+        fail("early_stopping.patience", f"must be >= 0 (0 = off), got {e.patience}")
+    choose("early_stopping.metric", e.metric, MONITORED_METRICS)
+    if not (e.min_delta >= 0 and math.isfinite(e.min_delta)):
+        fail("early_stopping.min_delta", f"must be >= 0, got {e.min_delta}")
+    if e.patience and d.val_fraction == 0:
+        fail("early_stopping.patience", "needs validation data: set data.val_fraction > 0")
+    if e.patience and (e.metric == "val_rmse") != (t.loss == "mse"):
+        fail("early_stopping.metric", f"{e.metric!r} is not reported with train.loss = {t.loss!r} (val_rmse goes "
+             f"with mse, val_accuracy with cross_entropy and bce_with_logits)")
     if t.accumulate < 1:
         fail("train.accumulate", f"must be >= 1, got {t.accumulate}")
     if not (config.comm.bucket_mb >= 0 and math.isfinite(config.comm.bucket_mb)):
@@ -294,6 +359,20 @@ def validate(config: Config, where: str = "config") -> None:
         fail("checkpoint.every_epochs", f"must be >= 0, got {c.every_epochs}")
     if c.keep < 1:
         fail("checkpoint.keep", f"must be >= 1, got {c.keep}")
+
+
+def _validate_layers(tables: tuple[dict, ...], config: Config, where: str) -> None:
+    """Each of model.layers must make a layer; BatchNorm needs whole global batches."""
+    from .layer_specs import make_layer
+
+    for i, table in enumerate(tables):
+        try:
+            layer = make_layer(table, i, config.seed)
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
+        if getattr(layer, "syncs_batch_statistics", False) and config.train.accumulate > 1:
+            raise UserError(f"{where}: train.accumulate = {config.train.accumulate} cannot be used with "
+                            f"model.layers[{i}] ({table['type']}): its statistics need the whole global batch")
 
 
 def replace(config: Config, **sections: Any) -> Config:

@@ -32,6 +32,7 @@ from . import __version__
 from .checkpoint import Checkpoint, save_checkpoint
 from .comm import SingleProcessComm
 from .data import Dataset, epoch_order, global_batch, shard, steps_per_epoch
+from .early_stopping import EarlyStopping
 from .errors import DesyncError, DivergenceError, MismatchError
 from .exchange import GradientExchange, ShardedUpdate, all_finite
 from .nn import BatchInfo, Loss, Sequential
@@ -64,7 +65,7 @@ def evaluate(model: Sequential, loss: Loss, dataset: Dataset, comm=None) -> dict
     """Exact distributed evaluation: each rank takes a strided share; the sums are allreduced.
 
     Every sample counts once whatever the world size. Returns {"loss": mean loss, "n_samples": N}
-    plus "accuracy" (classification) or "rmse" (regression). Collective: every rank must call it.
+    plus "accuracy" (classification; for multi-label, the share of labels right) or "rmse" (regression). Collective: every rank must call it.
     """
     comm = comm if comm is not None else SingleProcessComm()
     mine = shard(np.arange(len(dataset)), comm.rank, comm.size)
@@ -76,12 +77,14 @@ def evaluate(model: Sequential, loss: Loss, dataset: Dataset, comm=None) -> dict
         sums[0] += loss.value(z, y)
         if loss.task == "classification":
             sums[1] += np.count_nonzero(z.argmax(axis=1) == y)
+        elif loss.task == "multilabel":  # the share of labels right, each predicted by logit > 0
+            sums[1] += np.count_nonzero((z > 0) == (y > 0.5)) / max(z.shape[1], 1)
         sums[2] += len(idx)
     comm.allreduce_sum(sums)
     n = int(sums[2])
     mean_loss = sums[0] / n if n else math.nan
     result: dict[str, Any] = {"loss": mean_loss, "n_samples": n}
-    if loss.task == "classification":
+    if loss.task in ("classification", "multilabel"):
         result["accuracy"] = sums[1] / n if n else math.nan
     else:
         result["rmse"] = math.sqrt(mean_loss) if n else math.nan
@@ -107,6 +110,11 @@ class Trainer:
     bucket_mb, compression : how gradients are exchanged (see :mod:`dptrain.exchange`).
     shard_optimizer : ZeRO stage 1, each rank holds 1/world of the optimizer state
         (:class:`dptrain.exchange.ShardedUpdate`); checkpoints still hold the whole state.
+    lr_schedule : ``lr_schedule(step)`` gives the learning rate of optimizer step ``step`` (0-based),
+        set on the optimizer before each update (see :mod:`dptrain.schedules`); None: keep its lr.
+    clip_norm : scale the averaged gradient down to this global L2 norm when it is larger
+        (computed after the exchange, so the same on every rank); 0: no clipping.
+    early_stopping : an :class:`EarlyStopping` checked after each epoch's evaluation; None: off.
     stop_on_signals : stop at the next step boundary on SIGTERM, SIGUSR1 or SIGINT (main thread only);
         pass a :class:`StopOnSignal` already entered to also catch signals that arrive before fit().
     log : called with one line per epoch, on rank 0 only.
@@ -118,7 +126,8 @@ class Trainer:
                  checkpoint: CheckpointPolicy = CheckpointPolicy(), config: dict | None = None,
                  on_nan: str = "error", check_sync_every: int = 0, accumulate: int = 1,
                  bucket_mb: float = 4.0, compression: str = "none", shard_optimizer: bool = False,
-                 stop_on_signals: bool | StopOnSignal = True,
+                 lr_schedule: Callable[[int], float] | None = None, clip_norm: float = 0.0,
+                 early_stopping: EarlyStopping | None = None, stop_on_signals: bool | StopOnSignal = True,
                  callbacks: Sequence[Callback] = (), log: Callable[[str], None] | None = print) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -130,6 +139,10 @@ class Trainer:
             raise ValueError(f"check_sync_every must be >= 0, got {check_sync_every}")
         if accumulate < 1:
             raise ValueError(f"accumulate must be >= 1, got {accumulate}")
+        if not clip_norm >= 0:
+            raise ValueError(f"clip_norm must be >= 0, got {clip_norm}")
+        if accumulate > 1 and any(getattr(layer, "syncs_batch_statistics", False) for layer in model.layers):
+            raise ValueError("accumulate > 1 cannot be used with BatchNorm: its statistics need the whole global batch")
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.train_data, self.val_data = train_data, val_data if val_data is not None and len(val_data) else None
         self.batch_size, self.epochs, self.seed, self.shuffle = batch_size, epochs, seed, shuffle
@@ -142,6 +155,9 @@ class Trainer:
         self.exchange = GradientExchange(self.comm, model, int(bucket_mb * 2**20), compression)
         self.sharded = ShardedUpdate(self.comm, model, optimizer) if shard_optimizer else None
         self._grad_sum = np.zeros_like(model.grad_buffer) if accumulate > 1 else None
+        self.lr_schedule, self.clip_norm, self.early_stopping = lr_schedule, float(clip_norm), early_stopping
+        self._norm_sq = np.zeros(1, dtype=np.float64)
+        self._set_lr(0)
         self.stop_on_signals = stop_on_signals
         self.callbacks = list(callbacks)
         self._log = log if self.comm.rank == 0 else None
@@ -153,6 +169,7 @@ class Trainer:
         self.last_metrics: dict[str, Any] = {}
         self.last_checkpoint: Path | None = None
         self.stopped = False  # fit() returned early because a stop signal reached some rank
+        self.last_grad_norm = math.nan  # the global gradient norm of the last update, when clipping
         self.stop_requests = 0  # how many ranks had received a stop signal when it stopped
         self._signals = stop_on_signals if isinstance(stop_on_signals, StopOnSignal) else StopOnSignal()
         self._control = np.zeros(2, dtype=np.float64)  # [loss sum, stop requests], summed per step
@@ -211,6 +228,9 @@ class Trainer:
         global_loss, stop = float(control[0]), int(control[1])
         problem = self._non_finite(global_loss)
         if problem is None:
+            self._set_lr(self.step)
+            if self.clip_norm:
+                grad_scale *= self._clip_factor(grad_scale)
             (self.optimizer if self.sharded is None else self.sharded).step(grad_scale)
         self.phase_seconds += (t1 - t0, t2 - t1, t3 - t2, clock() - t3)
         if problem is not None and self.on_nan == "skip":
@@ -219,6 +239,32 @@ class Trainer:
             raise DivergenceError(f"{problem} at step {self.step + 1} (epoch {self.epoch + 1}); "
                                   f"no checkpoint written for it (set train.on_nan = \"skip\" to skip such steps)")
         return global_loss, int(stop)
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the last update (or of the next one, before any)."""
+        return float(self._stepping_optimizer().lr)
+
+    def _stepping_optimizer(self):
+        return self.optimizer if self.sharded is None else self.sharded.optimizer
+
+    def _set_lr(self, step: int) -> None:
+        if self.lr_schedule is not None:
+            lr = float(self.lr_schedule(step))
+            self.optimizer.lr = lr
+            if self.sharded is not None:
+                self.sharded.optimizer.lr = lr
+
+    def _clip_factor(self, grad_scale: float) -> float:
+        """min(1, clip_norm / global norm of the averaged gradient), the same on every rank
+        (a sharded run sums the squares of its blocks: one small allreduce)."""
+        g = self.model.grad_buffer if self.sharded is None else self.sharded.grad_block
+        self._norm_sq[0] = float(np.dot(g, g))
+        if self.sharded is not None:
+            self.comm.allreduce_sum(self._norm_sq)
+        norm = math.sqrt(self._norm_sq[0]) * grad_scale
+        self.last_grad_norm = norm
+        return min(1.0, self.clip_norm / (norm + 1e-6))  # torch's clip_grad_norm_ coefficient
 
     def _post_control(self, local_loss_sum: float):
         """Start summing [this rank's loss sum, its stop request] over the ranks (small, non-blocking)."""
@@ -240,6 +286,11 @@ class Trainer:
             return None
         spec = next(s for s in self.model.param_specs if s.offset <= index < s.offset + s.size)
         return f"non-finite gradient in {spec.name} ({self.model.layers[spec.layer_index].describe()})"
+
+    @property
+    def stopped_early(self) -> bool:
+        """Early stopping ended the run (also after resuming a run that had stopped early)."""
+        return self.early_stopping is not None and self.early_stopping.stopped
 
     # -- evaluation -------------------------------------------------------------------------
 
@@ -294,10 +345,16 @@ class Trainer:
         loss so far in the epoch) and broadcasts them, so other ranks need not see the file.
         """
         self.check_agreement()
-        header = np.zeros(5, dtype=np.float64)  # [present, step, epoch, epoch loss sum, skipped]
+        # [present, step, epoch, epoch loss sum, skipped, optimizer steps,
+        #  early stopping: best, best epoch, bad epochs, stopped]
+        header = np.zeros(10, dtype=np.float64)
         if self.comm.rank == 0 and checkpoint is not None:
             meta = checkpoint.meta
-            header[:] = [1, meta["step"], meta["epoch"], meta.get("epoch_loss_sum", 0.0), meta.get("skipped_steps", 0)]
+            early = meta.get("early_stopping", {})
+            header[:] = [1, meta["step"], meta["epoch"], meta.get("epoch_loss_sum", 0.0), meta.get("skipped_steps", 0),
+                         meta.get("optimizer_steps", meta["step"] - meta.get("skipped_steps", 0)),
+                         _nan_if_none(early.get("best")), early.get("best_epoch", 0), early.get("bad_epochs", 0),
+                         early.get("stopped", False)]
             self.model.load_params(checkpoint.model)
             self.optimizer.load_state_dict(checkpoint.optimizer)
             self.last_metrics = dict(meta.get("metrics", {}))
@@ -313,6 +370,13 @@ class Trainer:
             self.sharded.load_state(state)
         self.step, self.epoch = int(header[1]), int(header[2])
         self.epoch_loss_sum, self.skipped_steps = float(header[3]), int(header[4])
+        self.optimizer.steps = int(header[5])
+        if self.sharded is not None:
+            self.sharded.optimizer.steps = int(header[5])
+        if self.early_stopping is not None:
+            self.early_stopping.load_state({"best": header[6], "best_epoch": header[7], "bad_epochs": header[8],
+                                            "stopped": bool(header[9])})
+        self._set_lr(max(self.step - 1, 0))  # the lr of the last update, as reported before the stop
         if self.out_dir is not None:
             self.last_checkpoint = self.out_dir / "checkpoints" / f"step-{self.step:08d}"
         return True
@@ -336,7 +400,7 @@ class Trainer:
         policy = self.checkpoint_policy
         # NaN and overflow are detected per step (_non_finite) and reported once, not as NumPy warnings
         with self._signals if self.stop_on_signals else _nothing(), np.errstate(all="ignore"):
-            while self.epoch < self.epochs and not self.stopped:
+            while self.epoch < self.epochs and not self.stopped and not self.stopped_early:
                 epoch = self.epoch
                 order = epoch_order(len(self.train_data), self.seed, epoch, self.shuffle)
                 t0, n_seen = time.perf_counter(), 0
@@ -382,8 +446,15 @@ class Trainer:
         if self.val_data is not None:
             val = self.evaluate(self.val_data)
             metrics.update({f"val_{k}": v for k, v in val.items() if k != "n_samples"})
+        metrics["lr"] = self.lr
+        if self.early_stopping is not None and self.early_stopping.update(self.epoch, metrics):
+            metrics["early_stop"] = True
         self.last_metrics = metrics
         self._log_epoch(metrics)
+        if metrics.get("early_stop") and self._log is not None:
+            e = self.early_stopping
+            self._log(f"early stopping after epoch {self.epoch}: {e.metric} has not improved for {e.patience} "
+                      f"epoch{'s' if e.patience > 1 else ''} (best {e.best:.4f} at epoch {e.best_epoch})")
         for cb in self.callbacks:
             cb.on_epoch_end(self, self.epoch, metrics)
         return metrics
@@ -426,6 +497,9 @@ class Trainer:
                 "step_in_epoch": self.step - self.epoch * self.steps_per_epoch,
                 "epoch_loss_sum": self.epoch_loss_sum,
                 "skipped_steps": self.skipped_steps,
+                "optimizer_steps": int(self._stepping_optimizer().steps),
+                "lr": self.lr,
+                "early_stopping": self.early_stopping.state() if self.early_stopping is not None else {},
                 "world_size": self.comm.size,  # for the record only
                 "dtype": str(self.model.dtype),
                 "config": self.config,
@@ -437,6 +511,10 @@ class Trainer:
                                    state, meta, self.checkpoint_policy.keep)
         self.last_checkpoint = path
         return path
+
+
+def _nan_if_none(value) -> float:
+    return math.nan if value is None else float(value)
 
 
 class _nothing:

@@ -95,6 +95,6 @@ def test_no_validation_split(tmp_path):
     result = CliRunner().invoke(main, ["train", "--out", str(out), "--set", "data.val_fraction=0",
                                        "--set", "train.epochs=1"])
     assert result.exit_code == 0, result.output
-    assert "val_loss" not in result.output
+    assert "epoch 1/1  step 29  train_loss" in result.output and "val_loss " not in result.output
     result = CliRunner().invoke(main, ["eval", "--checkpoint", str(out)])
     assert result.exit_code == 2 and "val_fraction = 0" in result.output

@@ -66,13 +66,14 @@ def _offset_slices(Ho: int, Wo: int, window: tuple[int, int], stride: tuple[int,
 class Conv2D(Layer):
     """2-D convolution (cross-correlation, as in every framework) with zero padding.
 
-    weight : (filters, C, kh, kw); bias : (filters,).
+    weight : (filters, C, kh, kw); bias : (filters,), left out with ``bias=False`` (before a
+    BatchNorm, which subtracts any bias again: its gradient would be zero and its value noise).
     x : (batch, C, H, W) -> y : (batch, filters, Ho, Wo), Ho = (H + 2 * ph - kh) // sh + 1.
     ``init`` is ``"he"`` (normal, std sqrt(2 / fan_in)) or ``"xavier"`` (std sqrt(2 / (fan_in +
     fan_out))), with fan_in = C * kh * kw and fan_out = filters * kh * kw; the bias starts at zero.
     """
 
-    def __init__(self, filters: int, kernel, stride=1, padding=0, init: str = "he") -> None:
+    def __init__(self, filters: int, kernel, stride=1, padding=0, init: str = "he", bias: bool = True) -> None:
         super().__init__()
         if isinstance(filters, bool) or not isinstance(filters, (int, np.integer)) or filters < 1:
             raise ValueError(f"Conv2D needs filters >= 1, got {filters!r}")
@@ -83,12 +84,14 @@ class Conv2D(Layer):
         self.stride = _pair(stride, "stride", 1)
         self.padding = _pair(padding, "padding", 0)
         self.init = init
+        self.bias = bool(bias)
         self._x_shape: tuple[int, ...] | None = None
         self._cols: np.ndarray | None = None
 
     def param_shapes(self, in_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
         self.output_shape(in_shape)
-        return {"weight": (self.filters, in_shape[0], *self.kernel), "bias": (self.filters,)}
+        shapes = {"weight": (self.filters, in_shape[0], *self.kernel)}
+        return {**shapes, "bias": (self.filters,)} if self.bias else shapes
 
     def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         return (self.filters, *_window_out(self, in_shape, self.kernel, self.stride, self.padding))
@@ -99,7 +102,8 @@ class Conv2D(Layer):
         fan_in, fan_out = C * kh * kw, F * kh * kw
         std = math.sqrt(2.0 / fan_in) if self.init == "he" else math.sqrt(2.0 / (fan_in + fan_out))
         w[...] = rng.standard_normal(w.shape) * std
-        self.params["bias"][...] = 0.0
+        if self.bias:
+            self.params["bias"][...] = 0.0
 
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
         """x : (N, C, H, W) -> y : (N, F, Ho, Wo). Caches the columns (C*kh*kw, N*Ho*Wo)."""
@@ -125,7 +129,10 @@ class Conv2D(Layer):
         z = self.workspace("z", (F, M), x.dtype)
         np.matmul(self.params["weight"].reshape(F, K), cols.reshape(K, M), out=z)
         y = self.workspace("y", (N, F, Ho, Wo), x.dtype)
-        np.add(z.reshape(F, N, Ho, Wo).transpose(1, 0, 2, 3), self.params["bias"][:, None, None], out=y)
+        if self.bias:
+            np.add(z.reshape(F, N, Ho, Wo).transpose(1, 0, 2, 3), self.params["bias"][:, None, None], out=y)
+        else:
+            np.copyto(y, z.reshape(F, N, Ho, Wo).transpose(1, 0, 2, 3))
         self._x_shape, self._cols = x.shape, cols
         return y
 
@@ -139,7 +146,8 @@ class Conv2D(Layer):
         np.copyto(dz, dy.reshape(N, F, Ho, Wo).transpose(1, 0, 2, 3))
         dz = dz.reshape(F, M)
         np.matmul(dz, self._cols.reshape(K, M).T, out=self.grads["weight"].reshape(F, K))
-        np.sum(dz, axis=1, out=self.grads["bias"])
+        if self.bias:
+            np.sum(dz, axis=1, out=self.grads["bias"])
         if not input_grad:
             return None
         dcols = self.workspace("dcols", (C, kh, kw, N, Ho, Wo), dy.dtype)
@@ -156,8 +164,9 @@ class Conv2D(Layer):
 
     def describe(self) -> str:
         init = "" if self.init == "he" else f", init={self.init}"
+        bias = "" if self.bias else ", bias=False"
         return (f"Conv2D({self.filters}, kernel={_show(self.kernel)}, stride={_show(self.stride)}, "
-                f"padding={_show(self.padding)}{init})")
+                f"padding={_show(self.padding)}{init}{bias})")
 
 
 class _Pool2D(Layer):

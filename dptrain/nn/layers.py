@@ -111,9 +111,10 @@ class Dense(Layer):
     weight : (in_features, out_features); bias : (out_features,).
     ``init`` is ``"he"`` (normal, std sqrt(2 / fan_in), for ReLU) or ``"xavier"``
     (normal, std sqrt(2 / (fan_in + fan_out)), for tanh, sigmoid and the output layer).
+    ``bias=False`` leaves the bias out (before a BatchNorm, which would cancel it).
     """
 
-    def __init__(self, out_features: int, init: str = "he") -> None:
+    def __init__(self, out_features: int, init: str = "he", bias: bool = True) -> None:
         super().__init__()
         if int(out_features) < 1:
             raise ValueError(f"Dense needs out_features >= 1, got {out_features}")
@@ -121,11 +122,13 @@ class Dense(Layer):
             raise ValueError(f"unknown init {init!r}: expected 'he' or 'xavier'")
         self.out_features = int(out_features)
         self.init = init
+        self.bias = bool(bias)
         self._x: np.ndarray | None = None
 
     def param_shapes(self, in_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
         self.output_shape(in_shape)  # checks that samples are flat
-        return {"weight": (in_shape[0], self.out_features), "bias": (self.out_features,)}
+        shapes = {"weight": (in_shape[0], self.out_features)}
+        return {**shapes, "bias": (self.out_features,)} if self.bias else shapes
 
     def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         if len(in_shape) != 1:
@@ -137,25 +140,28 @@ class Dense(Layer):
         fan_in, fan_out = w.shape
         std = math.sqrt(2.0 / fan_in) if self.init == "he" else math.sqrt(2.0 / (fan_in + fan_out))
         w[...] = rng.standard_normal(w.shape) * std
-        self.params["bias"][...] = 0.0
+        if self.bias:
+            self.params["bias"][...] = 0.0
 
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
         self._x = x
         y = self.workspace("y", (len(x), self.out_features), x.dtype)
         np.matmul(x, self.params["weight"], out=y)
-        y += self.params["bias"]
+        if self.bias:
+            y += self.params["bias"]
         return y
 
     def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         x = self._x
         np.matmul(x.T, dy, out=self.grads["weight"])
-        np.sum(dy, axis=0, out=self.grads["bias"])
+        if self.bias:
+            np.sum(dy, axis=0, out=self.grads["bias"])
         if not input_grad:
             return None  # the first layer: dx would cost a third of this layer's backward for nothing
         return np.matmul(dy, self.params["weight"].T, out=self.workspace("dx", x.shape, dy.dtype))
 
     def describe(self) -> str:
-        return f"Dense({self.out_features}, init={self.init})"
+        return f"Dense({self.out_features}, init={self.init}{'' if self.bias else ', bias=False'})"
 
 
 class ReLU(Layer):
