@@ -88,7 +88,7 @@ def build_layers(config: Config, in_shape: tuple[int, ...], n_outputs: int) -> l
     output layer: a Dense(n_outputs) with Xavier initialisation, after a Flatten if needed.
 
     Hidden Dense layers of ``model.hidden`` use He initialisation after ReLU-like activations and
-    Xavier otherwise.
+    Xavier otherwise (after a Flatten if ``data.shape`` has several dimensions).
     """
     m = config.model
     if m.layers:
@@ -96,7 +96,7 @@ def build_layers(config: Config, in_shape: tuple[int, ...], n_outputs: int) -> l
     else:
         activation = ACTIVATIONS[m.activation]
         init_name = "he" if m.activation in ("relu", "leaky_relu", "gelu") else "xavier"
-        layers = []
+        layers = [Flatten()] if len(in_shape) > 1 else []  # data.shape given for an MLP
         for width in m.hidden:
             layers += [Dense(width, init=init_name), activation()]
     shape = in_shape
@@ -170,6 +170,18 @@ def build_trainer(config: Config, model: Sequential, loss: Loss, optimizer, trai
                    clip_norm=config.optim.clip_norm, early_stopping=early, **options)
 
 
+def _check_batch_statistics(config: Config, model: Sequential, n_train: int) -> None:
+    """BatchNorm over flat features cannot normalise a global batch of one sample: refuse a batch
+    size that leaves one (UserError) rather than fail at the end of the first epoch."""
+    batch = config.train.batch_size
+    last = n_train % batch or batch
+    for i, layer in enumerate(model.layers):
+        if getattr(layer, "syncs_batch_statistics", False) and int(np.prod(model.shapes[i][1:])) == 1 and last == 1:
+            where = f"model.layers[{i}]" if config.model.layers else f"layer {i}"
+            raise UserError(f"train.batch_size = {batch} leaves a global batch of 1 sample ({n_train} training "
+                            f"samples), which {layer.describe()} at {where} cannot normalise: choose another batch size")
+
+
 @dataclass
 class RunParts:
     """What a training run is made of, before the Trainer."""
@@ -193,6 +205,7 @@ def build_parts(config: Config, world_size: int = 1) -> RunParts:
                             f"need at least one per rank")
         loss = build_loss(config, dataset)
         model = build_model(config, dataset.n_features, dataset.n_outputs)
+        _check_batch_statistics(config, model, len(train_set))
         return RunParts(dataset, train_set, val_set, loss, model, build_optimizer(config, model))
     except MemoryError as exc:
         raise UserError(f"not enough memory for the data and model of this config ({exc or 'MemoryError'})") from None
