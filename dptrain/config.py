@@ -345,7 +345,7 @@ def validate(config: Config, where: str = "config") -> None:
         fail("early_stopping.min_delta", f"must be >= 0, got {e.min_delta}")
     if e.patience and d.val_fraction == 0:
         fail("early_stopping.patience", "needs validation data: set data.val_fraction > 0")
-    if e.patience and (e.metric == "val_rmse") != (t.loss == "mse"):
+    if e.patience and e.metric != "val_loss" and (e.metric == "val_rmse") != (t.loss == "mse"):
         fail("early_stopping.metric", f"{e.metric!r} is not reported with train.loss = {t.loss!r} (val_rmse goes "
              f"with mse, val_accuracy with cross_entropy and bce_with_logits)")
     if t.accumulate < 1:

@@ -269,3 +269,8 @@ def test_model_summary_shows_layers_shapes_and_parameter_counts():
     total = sum(int(line.split()[-1].replace(",", "")) for line in lines[2:-1] if line.split()[-1][0].isdigit())
     assert lines[-1].startswith(f"total: {total:,} parameters")
     assert math.isclose(total, 144 + 32 + 4608 + 64 + 512 * 64 + 64 + 650)
+
+
+def test_early_stopping_on_val_loss_goes_with_every_loss():
+    for loss in ("mse", "cross_entropy", "bce_with_logits"):
+        assert load_config(None, [f"train.loss={loss}", "early_stopping.patience=2"]).early_stopping.metric == "val_loss"
