@@ -250,15 +250,24 @@ def _raise_if_any_failed(comm, error: BaseException | None) -> None:
     raise ExitQuietly(2)
 
 
-def make_comm(kind: str | None = None):
-    """Return a communicator. kind: "auto" (default), "mpi" or "single"."""
+def make_comm(kind: str | None = None, limit_threads: bool = True):
+    """Return a communicator. kind: "auto" (default), "mpi" or "single".
+
+    Under MPI, ``limit_threads`` caps this rank's BLAS/OpenMP threads at cores / ranks per node
+    (unless OMP_NUM_THREADS or similar is set), so ranks sharing a node do not oversubscribe it.
+    """
     kind = kind or os.environ.get("DPTRAIN_COMM", "auto")
     if kind not in ("auto", "mpi", "single"):
         raise UserError(f"unknown communicator {kind!r}: expected auto, mpi or single")
     if kind == "single" or (kind == "auto" and not launched_by_mpi()):
         return SingleProcessComm()
     try:
-        return MPIComm()
+        comm = MPIComm()
     except ImportError as exc:
         raise UserError(f"MPI requested but mpi4py cannot be loaded ({exc}); "
                         f"install dptrain[mpi] or build mpi4py against your site's MPI") from exc
+    if limit_threads:
+        from .launcher import limit_threads_in_process
+
+        limit_threads_in_process(comm.local_size)
+    return comm
