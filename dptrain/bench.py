@@ -4,12 +4,13 @@ One run (every rank of the current world, collectively)::
 
     config  = the reference workload, or a config file; --set overrides apply to both
     trainer = build_trainer(config, ...)                  # honours every training key of the config
-    warmup steps; barrier; time `steps` calls of trainer.train_step(batch); barrier
-    -> global samples/s, the step split into forward, backward, exchange and optimizer (Trainer.phase_seconds),
-       peak resident memory of each rank
     the bare kernel of the same step: the matrix multiplies of forward and backward on preallocated arrays
-    and one Allreduce of a flat buffer of the parameter count, timed the same way
-    -> the trainer's overhead over the kernel
+    and one Allreduce of a flat buffer of the parameter count
+    warmup steps of each; then ROUNDS rounds, each timing steps / ROUNDS calls of trainer.train_step(batch)
+    and as many kernel steps (between barriers), so both see the same machine, side by side
+    -> global samples/s, the step split into forward, backward, exchange and optimizer (Trainer.phase_seconds),
+       peak resident memory of each rank (after the trainer's warmup: its steady state),
+       the trainer's overhead over the kernel
 
 With ``-n 1,2,4`` (outside MPI) one ``mpiexec -n N python -m dptrain bench --json`` child runs per N, and
 the rows are merged with scaling efficiency = samples/s(N) / (N x samples/s(1)).
@@ -60,6 +61,7 @@ REFERENCE_SETTINGS = (
     "train.dtype=\"float32\"", "optim.name=\"sgd\"", "optim.lr=0.01", "optim.momentum=0.9",
     "optim.nesterov=false", "optim.weight_decay=0.0",
 )
+ROUNDS = 5  # the timed steps alternate between trainer and kernel in this many rounds
 PHASES = ("forward", "backward", "exchange", "optimizer")  # the order of Trainer.phase_seconds
 
 
@@ -285,20 +287,26 @@ def run_bench(comm, config_path: str | None = None, overrides: tuple[str, ...] |
     with np.errstate(all="ignore"):  # a non-finite loss or gradient is the trainer's to report
         for _ in range(warmup):
             train_step()
+        comm.barrier()
+        rss = comm.allgather(np.array([peak_rss_mb()], dtype=np.float64))[:, 0]  # before the kernel's arrays
+        local_batch = len(shard(batches[0], comm.rank, comm.size))
+        bare = BareKernel(model, local_batch, comm, seed=config.seed) if kernel_layers(model) is not None else None
+        for _ in range(warmup if bare is not None else 0):
+            bare.step()
         trainer.phase_seconds[...] = 0.0
         position["samples"] = 0
-        elapsed = _timed(comm, train_step, steps, 0)
+        elapsed = kernel_elapsed = 0.0
+        for r in range(min(ROUNDS, steps)):  # alternate, so drift in the machine's speed hits both alike
+            n = steps * (r + 1) // min(ROUNDS, steps) - steps * r // min(ROUNDS, steps)
+            elapsed += _timed(comm, train_step, n, 0)
+            if bare is not None:
+                kernel_elapsed += _timed(comm, bare.step, n, 0)
         samples = position["samples"]
         phases = np.array(trainer.phase_seconds, dtype=np.float64)
         comm.allreduce_sum(phases)
         phases_ms = phases / comm.size / steps * 1e3
-        rss = comm.allgather(np.array([peak_rss_mb()], dtype=np.float64))[:, 0]  # before the kernel's arrays
-
-        local_batch = len(shard(batches[0], comm.rank, comm.size))
         kernel = None
-        if kernel_layers(model) is not None:
-            bare = BareKernel(model, local_batch, comm, seed=config.seed)
-            kernel_elapsed = _timed(comm, bare.step, steps, warmup)
+        if bare is not None:
             kernel_step = kernel_elapsed / steps
             kernel = {"samples_per_s": len(batches[0]) / kernel_step, "step_ms": kernel_step * 1e3,
                       "local_batch": local_batch}
