@@ -42,15 +42,17 @@ def load_dataset(config: Config, path: str | None = None) -> Dataset:
 def train_val_split(config: Config, dataset: Dataset) -> tuple[Dataset, Dataset]:
     """The deterministic split of ``dataset``, cast to the run's dtype.
 
-    Both are views of ``dataset`` (row numbers and a dtype), not copies: a rank reads and converts
-    only the rows it takes. Values that do not fit the dtype are refused here.
+    Both are views of the dataset (row numbers and a dtype), not copies. A memory-mapped dataset
+    stays on disk: a rank reads and converts only the rows it takes; one in memory is converted
+    once. Values that do not fit the dtype are refused here.
     """
     train_idx, val_idx = data_mod.split_train_val(len(dataset), config.data.val_fraction, config.seed)
     if len(train_idx) == 0:
         raise UserError(f"data {dataset.source}: no training samples left after data.val_fraction = "
                         f"{config.data.val_fraction}")
     dtype = np.dtype(config.train.dtype)
-    return dataset.subset(train_idx).astype(dtype), dataset.subset(val_idx).astype(dtype)
+    dataset = dataset.astype(dtype).in_memory()  # in memory: converted once, not at every step
+    return dataset.subset(train_idx), dataset.subset(val_idx)
 
 
 def build_loss(config: Config, dataset: Dataset) -> Loss:

@@ -133,6 +133,17 @@ class Dataset:
                             f"(scale the data or set train.dtype = \"float64\")")
         return view
 
+    def in_memory(self) -> Dataset:
+        """An in-memory dataset with its conversions done once (x and y read into new arrays), so
+        ``take`` only gathers rows; a memory-mapped one is returned as it is (it stays on disk)."""
+        if isinstance(self.base_x, np.memmap) or isinstance(self.base_y, np.memmap):
+            return self
+        if self.rows is None and not self._x_casts and not self._y_casts:
+            return self
+        done = Dataset(np.ascontiguousarray(self.x), np.ascontiguousarray(self.y), self.n_classes, self.source)
+        done._finite = self._finite
+        return done
+
     def _all_finite(self) -> bool:
         """Whether every value of x (and of float targets y) this view returns is finite; by chunks."""
         which = ["x"] if self.n_classes is not None else ["x", "y"]
