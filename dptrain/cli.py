@@ -49,7 +49,7 @@ from .launcher import (
     thread_environment,
 )
 from .signals import StopOnSignal
-from .trainer import evaluate
+from .evaluation import evaluate
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
