@@ -36,6 +36,10 @@ def load_dataset(config: Config, path: str | None = None) -> Dataset:
         return data_mod.load_digits()
     if d.name == "synthetic":
         return data_mod.make_synthetic(d.n_samples, d.n_features, d.n_classes, config.seed)
+    if d.name == "diabetes":
+        return data_mod.load_diabetes()
+    if d.name == "csv":
+        return data_mod.load_csv(path or d.path, d.target, labels=config.train.loss == "cross_entropy")
     return data_mod.load_npz(path or d.path)
 
 

@@ -21,7 +21,7 @@ else:  # pragma: no cover
 
 from .errors import UserError
 
-DATASETS = ("digits", "synthetic", "npz")
+DATASETS = ("digits", "synthetic", "npz", "csv", "diabetes")
 ACTIVATION_NAMES = ("relu", "tanh", "sigmoid", "leaky_relu", "gelu")
 LOSS_NAMES = ("cross_entropy", "mse", "bce_with_logits")
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "rmsprop")
@@ -35,8 +35,9 @@ MAX_SYNTHETIC_VALUES = 2**28  # 2 GiB of float64 synthetic features
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "digits"  # digits | synthetic | npz
-    path: str = ""  # the .npz file, for name = "npz"
+    name: str = "digits"  # digits | synthetic | npz | csv | diabetes
+    path: str = ""  # the .npz file, for name = "npz"; the .csv file, for name = "csv"
+    target: str = ""  # csv: the name of the label column (every other column is a feature)
     val_fraction: float = 0.2  # share of samples held out for validation, in [0, 1)
     shuffle: bool = True  # a new global order each epoch
     n_samples: int = 2000  # synthetic only
@@ -106,6 +107,11 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    every_steps: int = 50  # a metrics row (and, off a terminal, a progress line) every N steps; 0 = per epoch only
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -115,6 +121,7 @@ class Config:
     comm: CommConfig = field(default_factory=CommConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
@@ -280,6 +287,10 @@ def validate(config: Config, where: str = "config") -> None:
     choose("data.name", d.name, DATASETS)
     if d.name == "npz" and not d.path:
         fail("data.path", "must name an .npz file or a folder with x.npy and y.npy when data.name = \"npz\"")
+    if d.name == "csv" and not d.path:
+        fail("data.path", "must name a .csv file when data.name = \"csv\"")
+    if d.name == "csv" and not d.target:
+        fail("data.target", "must name the label column of the CSV file when data.name = \"csv\"")
     if not 0 <= d.val_fraction < 1:
         fail("data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
     if d.name == "synthetic":
@@ -359,6 +370,8 @@ def validate(config: Config, where: str = "config") -> None:
         fail("checkpoint.every_epochs", f"must be >= 0, got {c.every_epochs}")
     if c.keep < 1:
         fail("checkpoint.keep", f"must be >= 1, got {c.keep}")
+    if config.log.every_steps < 0:
+        fail("log.every_steps", f"must be >= 0 (0 = per epoch only), got {config.log.every_steps}")
 
 
 def _validate_layers(tables: tuple[dict, ...], config: Config, where: str) -> None:

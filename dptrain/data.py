@@ -12,11 +12,14 @@ reads only the rows of its own shards and the ranks of a node share the file's p
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import struct
+import warnings
 import zipfile
 import zlib
+from array import array as packed_array
 
 import numpy as np
 from numpy.lib import format as npy_format
@@ -302,6 +305,164 @@ def make_synthetic(n_samples: int, n_features: int, n_classes: int, seed: int) -
     y = rng.integers(0, n_classes, size=n_samples)
     x = centres[y] + rng.standard_normal((n_samples, n_features))
     return Dataset(x, y.astype(np.int64), n_classes, "synthetic")
+
+
+def load_diabetes() -> Dataset:
+    """scikit-learn's bundled diabetes data: 442 samples, 10 features (already centred and scaled
+    by scikit-learn), one float target (disease progression after a year, 25..346), kept in its units."""
+    from sklearn.datasets import load_diabetes as sk_load_diabetes
+
+    bunch = sk_load_diabetes()
+    dataset = Dataset(bunch.data.astype(np.float64), bunch.target.astype(np.float64).reshape(-1, 1), None, "diabetes")
+    dataset._finite = True
+    return dataset
+
+
+def load_csv(path: str, target: str, labels: bool | None = None) -> Dataset:
+    """The CSV file at ``path``: a header row naming the columns, then one sample per row.
+
+    The column named ``target`` holds the labels; every other column is a numeric feature, in
+    file order. ``labels=True``: the targets are class labels, whole numbers >= 0 (n_classes =
+    max + 1); ``labels=False``: float regression targets (N, 1), even if all are whole numbers;
+    ``labels=None``: class labels if every target value is a whole number ("3" or "3.0").
+    Blank lines are skipped; a row number in an error is the line of the file (the header is
+    row 1). The file is read into memory, with a fast NumPy parser; when that fails, a second
+    pass with the csv module finds the first bad row or cell for the error message.
+
+    Returns float64 features and int64 labels or float64 targets.
+    """
+    if not target:
+        raise UserError(f"data file {path}: no target column given (set data.target to the name of the label column)")
+    if os.path.isdir(path):
+        raise UserError(f"data file {path}: is a folder, not a CSV file")
+    if not os.path.isfile(path):
+        raise UserError(f"data file {path}: not found")
+    try:
+        names, values, lines = _read_csv(path, target)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"data file {path}: is not UTF-8 text ({exc.reason}); save it as UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"data file {path}: cannot be read ({exc.strerror or exc})") from None
+    col = names.index(target)
+    y = values[:, col]
+    x = np.ascontiguousarray(np.delete(values, col, axis=1))
+    if labels is None:
+        labels = bool(np.array_equal(y, np.floor(y)))
+    if labels:
+        fraction = np.flatnonzero(y != np.floor(y))
+        if fraction.size:
+            raise UserError(f"data file {path}: row {_row_number(path, lines, fraction[0])}, column {target!r}: "
+                            f"{y[fraction[0]]:.15g} is not a class label (a whole number); a loss for float "
+                            f"targets (train.loss = \"mse\") reads them as regression targets")
+        bad = np.flatnonzero(y < 0)
+        if bad.size:
+            raise UserError(f"data file {path}: row {_row_number(path, lines, bad[0])}, column {target!r}: class "
+                            f"label {y[bad[0]]:.15g} is negative (whole-number targets are class labels 0..K-1)")
+        if y.max() >= MAX_CLASSES:
+            i = int(np.argmax(y))
+            raise UserError(f"data file {path}: row {_row_number(path, lines, i)}, column {target!r}: class label "
+                            f"{y[i]:.15g} implies more than {MAX_CLASSES:,} classes (whole-number targets are class "
+                            f"labels 0..K-1)")
+        dataset = Dataset(x, y.astype(np.int64), max(int(y.max()) + 1, 2), path)
+    else:
+        dataset = Dataset(x, np.ascontiguousarray(y.reshape(-1, 1)), None, path)
+    dataset._finite = True
+    return dataset
+
+
+def _read_csv(path: str, target: str) -> tuple[list[str], np.ndarray, list[int] | None]:
+    """(column names, values (N, columns) float64, file line of each row or None if not tracked).
+
+    Raises UserError for a missing target column, no data, a short or long row, a cell that is
+    not a finite number.
+    """
+    with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark is not part of a name
+        reader = csv.reader(fh, skipinitialspace=True)
+        names = _csv_header(reader, path, target)
+        try:
+            with warnings.catch_warnings():  # loadtxt warns on no data: the scan below reports it
+                warnings.simplefilter("ignore")
+                values = np.loadtxt(fh, dtype=np.float64, delimiter=",", quotechar='"', comments=None, ndmin=2)
+        except ValueError:
+            values = None
+    if values is not None and len(values) and values.shape[1] == len(names) and np.isfinite(values).all():
+        return names, values, None
+    return _scan_csv(path, target)  # finds what is wrong and says so (or reads what loadtxt could not)
+
+
+def _csv_header(reader, path: str, target: str) -> list[str]:
+    """The column names (stripped of surrounding spaces), checked to hold ``target`` once and a feature."""
+    try:
+        header = next((row for row in reader if row), None)
+    except csv.Error as exc:
+        raise UserError(f"data file {path}: row {reader.line_num}: not valid CSV ({exc})") from None
+    if header is None:
+        raise UserError(f"data file {path}: is empty (expected a header row naming the columns, then data rows)")
+    names = [name.strip() for name in header]
+    count = names.count(target)
+    if count == 0:
+        shown = ", ".join(repr(n) for n in names[:20]) + (f", ... ({len(names)} columns)" if len(names) > 20 else "")
+        raise UserError(f"data file {path}: no column named {target!r} (data.target) in the header row; "
+                        f"the columns are {shown}")
+    if count > 1:
+        raise UserError(f"data file {path}: {count} columns are named {target!r} (data.target) in the header row")
+    if len(names) < 2:
+        raise UserError(f"data file {path}: no feature column besides the target {target!r}")
+    return names
+
+
+def _scan_csv(path: str, target: str) -> tuple[list[str], np.ndarray, list[int]]:
+    """What _read_csv returns, read row by row with the csv module: slower, but it names the
+    first bad row (the line of the file) and column."""
+    values, lines = packed_array("d"), []  # 8 bytes a value, not a Python float's 32
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh, skipinitialspace=True)
+        names = _csv_header(reader, path, target)
+        try:
+            for row in reader:
+                if not row:
+                    continue  # a blank line
+                if len(row) != len(names):
+                    raise UserError(f"data file {path}: row {reader.line_num} has {len(row)} "
+                                    f"cell{'s' if len(row) != 1 else ''}, but the header has {len(names)} columns")
+                try:
+                    numbers = [float(cell) for cell in row]
+                except ValueError:
+                    j = next(j for j, cell in enumerate(row) if not _is_number(cell))
+                    what = "an empty cell" if not row[j].strip() else f"{row[j]!r} is not a number"
+                    raise UserError(f"data file {path}: row {reader.line_num}, column {names[j]!r}: {what}") from None
+                if not all(map(math.isfinite, numbers)):
+                    j = next(j for j, v in enumerate(numbers) if not math.isfinite(v))
+                    raise UserError(f"data file {path}: row {reader.line_num}, column {names[j]!r}: {row[j].strip()!r} "
+                                    f"is not a finite number")
+                values.extend(numbers)
+                lines.append(reader.line_num)
+        except csv.Error as exc:
+            raise UserError(f"data file {path}: row {reader.line_num}: not valid CSV ({exc})") from None
+    if not lines:
+        raise UserError(f"data file {path}: has a header row but no data rows")
+    return names, np.frombuffer(values, dtype=np.float64).reshape(len(lines), len(names)), lines
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _row_number(path: str, lines: list[int] | None, i: int) -> int:
+    """The file line of data row ``i`` (0-based), rescanning the file if the fast parser read it."""
+    return (lines if lines is not None else _data_lines(path))[i]
+
+
+def _data_lines(path: str) -> list[int]:
+    """The file line of each data row (non-blank records after the header)."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh, skipinitialspace=True)
+        next(row for row in reader if row)
+        return [reader.line_num for row in reader if row]
 
 
 def load_npz(path: str, n_classes: int | None = None) -> Dataset:

@@ -480,7 +480,8 @@ def valid_configs(draw):
         seed=draw(st.integers(0, 2**63 - 1)),
         data={
             "name": name,
-            "path": draw(any_text.filter(bool) if name == "npz" else any_text),
+            "path": draw(any_text.filter(bool) if name in ("npz", "csv") else any_text),
+            "target": draw(any_text.filter(bool) if name == "csv" else any_text),
             "val_fraction": draw(st.floats(min_value=0, max_value=1, exclude_max=True)),
             "shuffle": draw(st.booleans()),
             "n_samples": draw(st.integers(2, 10**4)),
