@@ -54,6 +54,12 @@ class CheckpointPolicy:
 class Callback:
     """Hooks called on every rank, in the same order. Override what you need."""
 
+    def on_train_begin(self, trainer: "Trainer") -> None:
+        """At the start of fit(), after the parameters are broadcast, before the first step."""
+
+    def on_train_end(self, trainer: "Trainer") -> None:
+        """When fit() returns normally (done, stopped early or by a signal), after the last checkpoint."""
+
     def on_step_end(self, trainer: "Trainer", step: int, loss_sum: float) -> None:
         """After optimizer step ``step``; loss_sum is summed over the whole global batch."""
 
@@ -146,6 +152,9 @@ class Trainer:
         self._agreed = False  # check_agreement() has passed
         #: seconds spent in (forward + loss, backward, gradient exchange, optimizer) since the last reset
         self.phase_seconds = np.zeros(4)
+        #: when set (by :class:`dptrain.timeline.Timeline`), records the spans of each step's phases,
+        #: of evaluations and of checkpoints; None: nothing recorded
+        self.timeline = None
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -192,6 +201,8 @@ class Trainer:
             grad_scale = self.exchange.finish(len(batch_indices))
         else:
             grad_scale = self.sharded.reduce(len(batch_indices))
+        # blocked in wait() from here: on the buckets started during backward, then on the loss/stop sum
+        tw = t2 if self.exchange.overlap and self.sharded is None else clock()
         pending.wait()
         t3 = clock()
         control = self._control
@@ -202,7 +213,10 @@ class Trainer:
             if self.clip_norm:
                 grad_scale *= self._clip_factor(grad_scale)
             (self.optimizer if self.sharded is None else self.sharded).step(grad_scale)
-        self.phase_seconds += (t1 - t0, t2 - t1, t3 - t2, clock() - t3)
+        t4 = clock()
+        self.phase_seconds += (t1 - t0, t2 - t1, t3 - t2, t4 - t3)
+        if self.timeline is not None:
+            self.timeline.record_step(self.step + 1, t0, t1, t2, tw, t3, t4)
         if problem is not None and self.on_nan == "skip":
             self.skipped_steps += 1
         elif problem is not None:
@@ -368,6 +382,8 @@ class Trainer:
         self.broadcast_parameters()
         history = []
         policy = self.checkpoint_policy
+        for cb in self.callbacks:
+            cb.on_train_begin(self)
         # NaN and overflow are detected per step (_non_finite) and reported once, not as NumPy warnings
         with self._signals if self.stop_on_signals else _nothing(), np.errstate(all="ignore"):
             while self.epoch < self.epochs and not self.stopped and not self.stopped_early:
@@ -404,6 +420,8 @@ class Trainer:
         if self.stopped and self._log is not None:
             self._log(f"stop signal received by {self.stop_requests} of {self.comm.size} rank(s): stopped after "
                       f"step {self.step}; checkpoint {self.last_checkpoint}")
+        for cb in self.callbacks:
+            cb.on_train_end(self)
         return history
 
     def _end_epoch(self, n_seen: int, train_time: float) -> dict[str, Any]:
@@ -414,7 +432,10 @@ class Trainer:
                                    "epoch_time_s": train_time, "skipped_steps": self.skipped_steps}
         self.epoch_loss_sum = 0.0
         if self.val_data is not None:
+            start = time.perf_counter()
             val = self.evaluate(self.val_data)
+            if self.timeline is not None:
+                self.timeline.record("evaluation", self.step, start, time.perf_counter())
             metrics.update({f"val_{k}": v for k, v in val.items() if k != "n_samples"})
         metrics["lr"] = self.lr
         if self.early_stopping is not None and self.early_stopping.update(self.epoch, metrics):
@@ -441,7 +462,7 @@ class Trainer:
             return
         width = len(str(self.epochs))
         parts = [f"epoch {m['epoch']:>{width}}/{self.epochs}", f"step {m['step']}", f"train_loss {m['train_loss']:.4f}"]
-        for key in ("val_loss", "val_accuracy", "val_rmse"):
+        for key in ("val_loss", "val_accuracy", "val_rmse", "val_r2"):
             if key in m:
                 parts.append(f"{key} {m[key]:.4f}")
         parts.append(f"samples/s {m['samples_per_s']:,.0f}")
@@ -458,6 +479,7 @@ class Trainer:
         """
         if self.out_dir is None:
             return None
+        start = time.perf_counter()
         path = self.out_dir / "checkpoints" / f"step-{self.step:08d}"
         state = self.optimizer.state_dict() if self.sharded is None else self.sharded.gather_state()  # collective
         if self.comm.rank == 0:
@@ -474,12 +496,14 @@ class Trainer:
                 "dtype": str(self.model.dtype),
                 "config": self.config,
                 "metrics": {k: v for k, v in self.last_metrics.items() if k in
-                            ("train_loss", "val_loss", "val_accuracy", "val_rmse")},
+                            ("train_loss", "val_loss", "val_accuracy", "val_rmse", "val_r2")},
                 "params": {name: list(shape) for name, shape in self.model.state_shapes().items()},
             }
             path = save_checkpoint(self.out_dir / "checkpoints", self.step, self.model.state_arrays(),
                                    state, meta, self.checkpoint_policy.keep)
         self.last_checkpoint = path
+        if self.timeline is not None:
+            self.timeline.record("checkpoint", self.step, start, time.perf_counter())
         return path
 
 

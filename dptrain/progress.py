@@ -1,0 +1,115 @@
+"""Rank 0's view of a run while it trains.
+
+:class:`ProgressBar` is a :class:`~dptrain.trainer.Callback`. On a terminal it draws a tqdm bar
+over all the run's steps, showing the epoch, the mean training loss of the epoch so far and the
+samples per second; the trainer's epoch lines are printed above it. Off a terminal (a batch job's
+log file) it prints a plain line every ``every_steps`` steps instead, so logs stay readable::
+
+    step 50/690  epoch 3  train_loss 0.3056  samples/s 601,873  lr 0.05
+
+``train_loss`` is the mean loss per sample over the steps since the previous line; ``samples/s``
+the global samples per second of wall time over them. Pass :meth:`ProgressBar.write` as the
+trainer's ``log`` so that its lines do not break the bar::
+
+    progress = ProgressBar(every_steps=50)
+    trainer = Trainer(..., callbacks=[progress], log=progress.write)
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable, TextIO
+
+from .metrics import Window, step_samples
+from .trainer import Callback, Trainer
+
+
+class ProgressBar(Callback):
+    """A tqdm bar on a terminal, plain lines every ``every_steps`` steps otherwise (rank 0 only).
+
+    Parameters
+    ----------
+    every_steps : off a terminal, a line every N optimizer steps; 0: none (the epoch lines remain).
+    tty : draw the bar (True) or print lines (False); None: bar if ``file`` is a terminal.
+    echo : prints a line when there is no bar (e.g. ``click.echo``).
+    file : where the bar goes [default: sys.stdout at the start of fit()].
+    """
+
+    def __init__(self, every_steps: int = 50, tty: bool | None = None, echo: Callable[[str], None] = print,
+                 file: TextIO | None = None) -> None:
+        if every_steps < 0:
+            raise ValueError(f"every_steps must be >= 0, got {every_steps}")
+        self.every_steps, self.tty, self.echo, self.file = every_steps, tty, echo, file
+        self._active = False
+        self._bar = None
+        self._line_window, self._epoch_window = Window(), Window()
+
+    def write(self, line: str) -> None:
+        """Print ``line`` above the bar (or plainly when there is none)."""
+        if self._bar is not None:
+            self._bar.write(line, file=self._file)
+        else:
+            self.echo(line)
+
+    # -- the hooks ------------------------------------------------------------------------------
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        self._active = trainer.comm.rank == 0
+        if not self._active:
+            return
+        self._file = self.file if self.file is not None else sys.stdout
+        tty = self.tty if self.tty is not None else _isatty(self._file)
+        self._line_window.reset(trainer.phase_seconds)
+        self._epoch_window.reset(trainer.phase_seconds)
+        self._last = time.perf_counter()
+        self._total = trainer.epochs * trainer.steps_per_epoch
+        if tty and trainer.step < self._total:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self._total, initial=trainer.step, unit="step", file=self._file,
+                             dynamic_ncols=True, desc=self._description(trainer), leave=True)
+
+    def on_step_end(self, trainer: Trainer, step: int, loss_sum: float) -> None:
+        if not self._active:
+            return
+        now = time.perf_counter()
+        n, seconds = step_samples(trainer, step), now - self._last
+        self._last = now
+        if self._bar is not None:
+            w = self._epoch_window
+            w.add(n, loss_sum, seconds)
+            self._bar.set_postfix_str(f"loss {w.train_loss:.4f}, {w.samples_per_s:,.0f} samples/s", refresh=False)
+            self._bar.update(1)
+            return
+        w = self._line_window
+        w.add(n, loss_sum, seconds)
+        if self.every_steps and step % self.every_steps == 0:
+            self.echo(f"step {step}/{self._total}  epoch {trainer.epoch + 1}  train_loss {w.train_loss:.4f}  "
+                      f"samples/s {w.samples_per_s:,.0f}  lr {trainer.lr:.4g}")
+            w.reset(trainer.phase_seconds)
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict) -> None:
+        if not self._active:
+            return
+        self._epoch_window.reset(trainer.phase_seconds)
+        if self._bar is not None:
+            self._bar.set_description_str(self._description(trainer), refresh=False)
+        self._last = time.perf_counter()  # the evaluation is not a step's time
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self._active = False
+
+    @staticmethod
+    def _description(trainer: Trainer) -> str:
+        return f"epoch {min(trainer.epoch + 1, trainer.epochs)}/{trainer.epochs}"
+
+
+def _isatty(file) -> bool:
+    try:
+        return bool(file.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed file
+        return False
