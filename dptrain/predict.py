@@ -1,0 +1,386 @@
+"""Predictions of a checkpoint's model on a file of features, and labelled data for ``eval --data``.
+
+    dptrain predict --checkpoint runs/d1 --input new.npz --output predictions.csv
+    mpirun -n 4 dptrain predict --checkpoint runs/d1 --input new.csv --output predictions.csv
+    dptrain eval --checkpoint runs/d1 --data test.npz
+
+The model is rebuilt from the checkpoint alone (its config and the shapes of its arrays), so the
+training data need not exist any more. The rows are cut into blocks of ``PREDICT_CHUNK`` rows
+counted from row 0, and each rank predicts a contiguous run of whole blocks with one BLAS thread:
+every block goes through the same forward pass, computed the same way, whatever the world size
+(a multi-threaded matrix multiply may round differently), so the output is the same bit for bit
+on 1 or N ranks. Rank 0 gathers the outputs in row order and writes the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from . import data as data_mod
+from .build import build_loss, build_model
+from .checkpoint import Checkpoint, describe_incompatibility, load_checkpoint
+from .comm import SingleProcessComm
+from .config import Config, config_from_dict
+from .data import Dataset
+from .errors import UserError
+from .nn import LOSSES, Sequential
+
+PREDICT_CHUNK = 1024  # rows per forward pass; also the unit in which rows are shared out to the ranks
+FLOAT_FORMAT = "%.8g"  # probabilities and predicted values: 8 significant digits
+_PARAM_NAME = re.compile(r"^layers\.(\d+)\.(\w+)$")
+
+
+def model_from_checkpoint(ckpt: Checkpoint) -> tuple[Config, Sequential]:
+    """The checkpoint's config and model, with its weights; needs nothing but the checkpoint.
+
+    The input width comes from ``data.shape`` (or, for flat samples, from the first layer's
+    ``weight``: Dense (D, units), BatchNorm and LayerNorm (D,)), the output width from the last
+    layer's ``weight`` (the output Dense, (in, K)). UserError if the arrays do not fit the config.
+    """
+    config = config_from_dict(ckpt.meta.get("config", {}), f"checkpoint {ckpt.path / 'meta.json'}")
+    weights = sorted((int(m.group(1)), v.shape) for k, v in ckpt.model.items()
+                     if (m := _PARAM_NAME.match(k)) and m.group(2) == "weight" and v.ndim >= 1)
+    if not weights or len(weights[-1][1]) != 2:
+        raise UserError(f"checkpoint {ckpt.path}: model.npz has no output layer weight (layers.N.weight of "
+                        f"shape (in, K))")
+    n_features = int(np.prod(config.data.shape)) if config.data.shape else int(weights[0][1][0])
+    model = build_model(config, n_features, int(weights[-1][1][1]), init=False)
+    problem = describe_incompatibility(ckpt, model.state_shapes(), model.dtype)
+    if problem:
+        raise UserError(problem)
+    model.load_params(ckpt.model)
+    return config, model
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the input
+
+
+def read_features(path: str | Path, n_features: int, dtype=np.float64, drop_column: str = "") -> np.ndarray:
+    """The feature rows of ``path``, checked against a model taking ``n_features`` values per row
+    in ``dtype``.
+
+    path : an .npz holding ``x`` (``y`` and other arrays are ignored), an .npy of shape (N, D)
+    (memory-mapped), or a .csv with a header row and numeric columns (``drop_column``, the
+    config's ``data.target``, is left out if the file has it). Returns an (N, D) array of integers
+    or floats, as stored; UserError naming the file (and row and column) for anything else,
+    including NaN or infinity and values beyond the range of ``dtype``.
+    """
+    path = Path(path)
+    where = f"input file {path}"
+    if path.is_dir():
+        raise UserError(f"{where}: is a folder, not a file")
+    if not path.is_file():
+        raise UserError(f"{where}: not found")
+    suffix = path.suffix.lower()
+    columns = None
+    if suffix == ".npz":
+        x = _read_npz_x(path, where)
+    elif suffix == ".npy":
+        try:
+            x = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise UserError(f"{where}: cannot be read as .npy ({exc})") from None
+    elif suffix == ".csv":
+        columns, x = read_csv_columns(path, where)
+        all_columns = columns
+        if drop_column and drop_column in columns:
+            keep = [j for j, name in enumerate(columns) if name != drop_column]
+            columns, x = [columns[j] for j in keep], np.ascontiguousarray(x[:, keep])
+    else:
+        raise UserError(f"{where}: unknown kind {path.suffix or '(no suffix)'!r}; expected .npz (array x), "
+                        f".npy (an (N, D) array) or .csv (a header row, then numeric columns)")
+    real = np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
+    if x.ndim != 2 or not real:
+        raise UserError(f"{where}: the features must be a real-valued array of shape (N, D), got {x.dtype} {x.shape}")
+    if len(x) == 0:
+        raise UserError(f"{where}: no rows")
+    if x.shape[1] != n_features:
+        what = f"{x.shape[1]} feature column{'s' if x.shape[1] != 1 else ''}"
+        if columns is not None:
+            left_out = (f"data.target {drop_column!r} left out" if drop_column in all_columns
+                        else f"no data.target column {drop_column!r}" if drop_column
+                        else "the checkpoint's config names no data.target column to leave out")
+            what += f" ({_names(columns)}; {left_out})"
+        raise UserError(f"{where}: {what}, but the model takes {n_features} features per row")
+    bad = _first_non_finite_row(x, np.dtype(dtype))
+    if bad is not None:
+        if not np.isfinite(x[bad]).all():
+            raise UserError(f"{where}: row {bad} (counting from 0) contains NaN or infinity")
+        raise UserError(f"{where}: row {bad} (counting from 0) holds a value beyond the range of "
+                        f"{np.dtype(dtype)}, the model's dtype")
+    return x
+
+
+def _read_npz_x(path: Path, where: str) -> np.ndarray:
+    try:
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as archive:
+            if "x" not in archive.files:
+                raise UserError(f"{where}: no array named 'x' (it holds {_names(archive.files) or 'nothing'})")
+            return archive["x"]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise UserError(f"{where}: cannot be read as .npz ({exc})") from None
+
+
+def _names(names: list[str], most: int = 8) -> str:
+    """'a', 'b', 'c', or for many names the first and last few: 'f0', 'f1', 'f2', ..., 'f63', 'label'."""
+    if len(names) <= most:
+        return ", ".join(repr(n) for n in names)
+    half = most // 2
+    return ", ".join([*(repr(n) for n in names[:half]), "...", *(repr(n) for n in names[-half:])])
+
+
+def _first_non_finite_row(x: np.ndarray, dtype: np.dtype) -> int | None:
+    """The first row of ``x`` holding NaN or infinity once converted to ``dtype`` (a value out of
+    its range becomes infinite), reading ``x`` by blocks; None if there is none."""
+    if x.dtype.kind != "f":
+        return None  # integers: finite, and within float32's range
+    for start in range(0, len(x), PREDICT_CHUNK):
+        with np.errstate(over="ignore", invalid="ignore"):
+            block = np.asarray(x[start : start + PREDICT_CHUNK]).astype(dtype)
+        ok = np.isfinite(block).all(axis=1)
+        if not ok.all():
+            return start + int(np.argmin(ok))
+    return None
+
+
+def read_csv_columns(path: str | Path, where: str) -> tuple[list[str], np.ndarray]:
+    """(column names, values of shape (N, columns) as float64) of a CSV file with a header row.
+
+    Blank lines are skipped. A row in an error message is the line of the file (the header is
+    row 1), as for ``data.name = "csv"``. A first row made of numbers is refused: it is data, so
+    the header is missing.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark is not part of a name
+            reader = csv.reader(fh)
+            try:
+                header = next((row for row in reader if row), None)
+            except csv.Error as exc:
+                raise UserError(f"{where}: row {reader.line_num}: not valid CSV ({exc})") from None
+            if header is None:
+                raise UserError(f"{where}: is empty (expected a header row naming the columns, then data rows)")
+            names = [name.strip() for name in header]
+            if all(_is_number(name) for name in names):
+                raise UserError(f"{where}: the first row ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}) "
+                                f"is numbers; expected a header row naming the columns")
+            duplicates = sorted({n for n in names if names.count(n) > 1})
+            if duplicates:
+                raise UserError(f"{where}: column {duplicates[0]!r} appears more than once in the header row")
+            try:
+                with warnings.catch_warnings():  # loadtxt warns on no data: the scan below reports it
+                    warnings.simplefilter("ignore")
+                    values = np.loadtxt(fh, dtype=np.float64, delimiter=",", quotechar='"', comments=None, ndmin=2)
+            except ValueError:
+                values = None
+        if values is not None and len(values) and values.shape[1] == len(names) and np.isfinite(values).all():
+            return names, values
+        return names, _scan_csv(path, where, names)  # slower, and names the first bad row and column
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{where}: is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise UserError(f"{where}: cannot be read ({exc.strerror or exc})") from None
+
+
+def _scan_csv(path: str | Path, where: str, names: list[str]) -> np.ndarray:
+    rows = []
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        next(row for row in reader if row)  # the header
+        try:
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) != len(names):
+                    cells = f"{len(row)} cell{'s' if len(row) != 1 else ''}"
+                    raise UserError(f"{where}: row {reader.line_num} has {cells}, but the header has {len(names)} "
+                                    f"columns")
+                try:
+                    numbers = [float(cell) for cell in row]
+                except ValueError:
+                    j = next(j for j, cell in enumerate(row) if not _is_number(cell))
+                    what = "an empty cell" if not row[j].strip() else f"{row[j].strip()!r} is not a number"
+                    raise UserError(f"{where}: row {reader.line_num}, column {names[j]!r}: {what}") from None
+                if not all(map(math.isfinite, numbers)):
+                    j = next(j for j, v in enumerate(numbers) if not math.isfinite(v))
+                    raise UserError(f"{where}: row {reader.line_num}, column {names[j]!r}: {row[j].strip()!r} "
+                                    f"is not a finite number")
+                rows.append(numbers)
+        except csv.Error as exc:
+            raise UserError(f"{where}: row {reader.line_num}: not valid CSV ({exc})") from None
+    if not rows:
+        raise UserError(f"{where}: has a header row but no data rows")
+    return np.array(rows, dtype=np.float64)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Predicting
+
+
+def row_range(n_rows: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The rows [start, stop) that ``rank`` predicts: a contiguous run of whole PREDICT_CHUNK blocks."""
+    blocks = math.ceil(n_rows / PREDICT_CHUNK)
+    first, last = rank * blocks // world_size, (rank + 1) * blocks // world_size
+    return min(first * PREDICT_CHUNK, n_rows), min(last * PREDICT_CHUNK, n_rows)
+
+
+def predict_outputs(model: Sequential, x: np.ndarray, comm=None) -> np.ndarray | None:
+    """The model's outputs (logits, or values for regression) for every row of x, in eval mode.
+
+    x : (N, D) on every rank (the same rows). Each rank runs its ``row_range`` with one BLAS
+    thread; returns the (N, K) float64 outputs in row order on rank 0, None on the others: the
+    same bits at any world size. Collective: every rank must call it, and makes one gatherv.
+    """
+    from threadpoolctl import threadpool_limits
+
+    comm = comm if comm is not None else SingleProcessComm()
+    n, k = len(x), model.out_features
+    start, stop = row_range(n, comm.rank, comm.size)
+    mine = np.empty((stop - start, k), dtype=np.float64)
+    with threadpool_limits(limits=1, user_api="blas"):
+        for i in range(start, stop, PREDICT_CHUNK):
+            rows = slice(i, min(i + PREDICT_CHUNK, stop))
+            with np.errstate(over="ignore", invalid="ignore"):
+                xb = np.asarray(x[rows]).astype(model.dtype)
+            mine[rows.start - start : rows.stop - start] = model.forward(xb, train=False).reshape(len(xb), k)
+    counts = [(b - a) * k for a, b in (row_range(n, r, comm.size) for r in range(comm.size))]
+    everything = np.empty((n, k), dtype=np.float64) if comm.rank == 0 else None
+    comm.gatherv(mine.ravel(), everything.ravel() if everything is not None else None, counts, root=0)
+    return everything
+
+
+def prediction_table(outputs: np.ndarray, loss_name: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """(column names, (N, columns) float64 table, printf formats) of the predictions CSV.
+
+    outputs : (N, K) model outputs. By ``train.loss``: cross_entropy -> row, class (the argmax of
+    the logits), p_0..p_{K-1} (softmax); mse -> row, prediction (K = 1) or y_0..y_{K-1};
+    bce_with_logits -> row, p_0..p_{K-1} (sigmoid), label_0..label_{K-1} (1 where the logit > 0).
+    """
+    n, k = outputs.shape
+    row = np.arange(n, dtype=np.float64)[:, None]
+    task = LOSSES[loss_name].task
+    if task == "classification":
+        e = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+        p = e / e.sum(axis=1, keepdims=True)
+        names = ["row", "class", *(f"p_{j}" for j in range(k))]
+        table = np.hstack([row, outputs.argmax(axis=1)[:, None].astype(np.float64), p])
+        return names, table, ["%d", "%d", *[FLOAT_FORMAT] * k]
+    if task == "multilabel":
+        p = 0.5 * (1.0 + np.tanh(0.5 * outputs))  # sigmoid, without overflow
+        names = ["row", *(f"p_{j}" for j in range(k)), *(f"label_{j}" for j in range(k))]
+        table = np.hstack([row, p, (outputs > 0).astype(np.float64)])
+        return names, table, ["%d", *[FLOAT_FORMAT] * k, *["%d"] * k]
+    names = ["row", "prediction"] if k == 1 else ["row", *(f"y_{j}" for j in range(k))]
+    return names, np.hstack([row, outputs]), ["%d", *[FLOAT_FORMAT] * k]
+
+
+def check_output_path(output: str | Path, overwrite: bool, input_path: str | Path | None = None) -> Path:
+    """The output file, refused (UserError) if it exists without ``overwrite``, is a folder, is
+    the input file, or its folder does not exist."""
+    out = Path(output)
+    if out.is_dir():
+        raise UserError(f"--output {out}: is a folder; give a file name such as {out / 'predictions.csv'}")
+    if not out.parent.is_dir():
+        raise UserError(f"--output {out}: folder {out.parent} does not exist")
+    if out.exists() and input_path is not None and Path(input_path).exists() and out.samefile(input_path):
+        raise UserError(f"--output {out}: is the input file")
+    if out.exists() and not overwrite:
+        raise UserError(f"--output {out}: exists; pass --overwrite to replace it")
+    return out
+
+
+def write_table_csv(path: str | Path, names: list[str], table: np.ndarray, formats: list[str]) -> Path:
+    """Write a CSV atomically: into a hidden temporary file in the same folder, fsync'ed, then
+    renamed, so the output is never seen half-written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            fh.write(",".join(names) + "\n")
+            np.savetxt(fh, table, fmt=formats, delimiter=",")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def predict(checkpoint: str | Path | Checkpoint, x: np.ndarray, comm=None) -> tuple[list[str], np.ndarray] | None:
+    """The predictions of a checkpoint (a path or a loaded :class:`Checkpoint`) for the rows x.
+
+    Returns (column names, table) as ``prediction_table`` gives them on rank 0, None on the
+    other ranks. Collective under MPI: every rank calls it with the same rows.
+    """
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    config, model = model_from_checkpoint(ckpt)
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[1] != model.in_features:
+        raise UserError(f"x of shape {x.shape}: the model takes rows of {model.in_features} features")
+    outputs = predict_outputs(model, x, comm)
+    if outputs is None:
+        return None
+    names, table, _ = prediction_table(outputs, config.train.loss)
+    return names, table
+
+
+# ---------------------------------------------------------------------------------------------
+# Labelled data for `dptrain eval --data`
+
+
+def load_labelled_data(path: str | Path, config: Config, model: Sequential) -> Dataset:
+    """Every row of a labelled data file, checked against the model and converted to its dtype.
+
+    path : an .npz with ``x`` and ``y`` (or a folder with x.npy and y.npy), as for
+    ``data.name = "npz"``; or a .csv with the column ``data.target`` of the checkpoint's config
+    (whole-number targets are class labels with ``cross_entropy``, float targets otherwise).
+    Class labels must lie in [0, K) for the model's K outputs.
+    """
+    path = str(path)
+    where = f"data file {path}"
+    loss = LOSSES[config.train.loss]()
+    k = model.out_features
+    if path.lower().endswith(".csv"):
+        target = getattr(config.data, "target", "")
+        if not target:
+            raise UserError(f"{where}: a .csv needs the name of its label column, but the checkpoint's config has "
+                            f"no data.target (use an .npz with x and y)")
+        dataset = data_mod.load_csv(path, target, labels=loss.task == "classification")
+        if dataset.n_classes is not None and dataset.n_classes > k:
+            raise UserError(f"{where}: class labels must lie in [0, {k}) for the model's {k} outputs, "
+                            f"found {int(np.max(dataset.base_y))} in column {target!r}")
+    elif path.lower().endswith(".npy"):
+        raise UserError(f"{where}: one .npy array holds no labels; use an .npz with x and y, or a .csv")
+    else:
+        dataset = data_mod.load_npz(path, n_classes=k if loss.task == "classification" else None)
+    if dataset.n_features != model.in_features:
+        raise UserError(f"{where}: {dataset.n_features} features per row, but the model takes {model.in_features}")
+    if dataset.task == "regression" and dataset.n_outputs != k:
+        raise UserError(f"{where}: y has {dataset.n_outputs} target column{'s' if dataset.n_outputs != 1 else ''}, "
+                        f"but the model has {k} outputs")
+    build_loss(config, dataset)  # the targets suit the loss
+    return dataset.astype(model.dtype).in_memory()
+
+
+def evaluation_inputs(ckpt: Checkpoint, data_path: str | Path) -> tuple[Sequential, object, Dataset]:
+    """(model with the checkpoint's weights, loss, labelled data) to evaluate on another data file."""
+    config, model = model_from_checkpoint(ckpt)
+    dataset = load_labelled_data(data_path, config, model)
+    return model, build_loss(config, dataset), dataset
