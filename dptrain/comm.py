@@ -20,6 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
+from . import rank_warnings
 from .errors import CollectiveError, ExitQuietly, UserError
 
 # Variables that process managers set in every rank they start.
@@ -149,6 +150,8 @@ class MPIComm:
         # A script that uses the API without fail_fast() still must not hang its peers: an exception
         # that reaches the top level aborts the job (what `python -m mpi4py` does, for a console script).
         sys.excepthook = self._abort_on_uncaught
+        # A warning every rank meets is shown once per rank, "[rank r] "-prefixed on r > 0: not N times alike.
+        rank_warnings.install(self.rank)
 
     def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
         self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)

@@ -35,13 +35,23 @@ def threads_per_rank(ranks_per_node: int, cores: int | None = None,
                      environ: Mapping[str, str] | None = None) -> int:
     """max(1, cores / ranks per node): Slurm's cpus-per-task if given, PBS's NCPUS (the cores of the
     node's chunk) shared by the ranks on the node, else the cores this process may use."""
+    return thread_choice(ranks_per_node, cores, environ)[0]
+
+
+def thread_choice(ranks_per_node: int, cores: int | None = None,
+                  environ: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """:func:`threads_per_rank` and how it was found, e.g. (4, "SLURM_CPUS_PER_TASK=4")."""
     env = os.environ if environ is None else environ
     if env.get("SLURM_CPUS_PER_TASK", "").isdigit():
-        return max(1, int(env["SLURM_CPUS_PER_TASK"]))
+        n = max(1, int(env["SLURM_CPUS_PER_TASK"]))
+        return n, f"SLURM_CPUS_PER_TASK={env['SLURM_CPUS_PER_TASK']}"
+    k = max(1, ranks_per_node)
+    per_node = f"{k} rank{'s' if k > 1 else ''} per node"
     if env.get("NCPUS", "").isdigit() and "PBS_JOBID" in env:
-        cores = int(env["NCPUS"])
+        n = max(1, int(env["NCPUS"]) // k)
+        return n, f"max(1, NCPUS={env['NCPUS']} (PBS) / {per_node})"
     cores = available_cores() if cores is None else cores
-    return max(1, cores // max(1, ranks_per_node))
+    return max(1, cores // k), f"max(1, {cores} cores / {per_node})"
 
 
 def thread_environment(n_ranks: int, environ: Mapping[str, str] | None = None,
