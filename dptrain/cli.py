@@ -48,8 +48,12 @@ from .launcher import (
     limit_threads_in_process,
     thread_environment,
 )
+from .metrics import MetricsLogger, summary_line
+from .progress import ProgressBar
 from .signals import StopOnSignal
+from .timeline import Timeline
 from .evaluation import evaluate
+from .predict import evaluation_inputs
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -81,6 +85,12 @@ def _reports_errors(fn):
 
 
 def _train_options(fn):
+    fn = click.option("--timeline", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                      help="Write a Chrome trace of every rank's steps (forward, backward, exchange, optimizer), "
+                      "evaluations and checkpoints to FILE (open it in Perfetto or chrome://tracing).")(fn)
+    fn = click.option("--quiet", is_flag=True,
+                      help="Print only errors, warnings and the final summary line (metrics files are still "
+                      "written).")(fn)
     fn = click.option("--resume", default=None, metavar="auto|PATH",
                       help="Continue from the newest valid checkpoint of --out (auto; starts fresh if there is "
                       "none) or from the checkpoint at PATH.")(fn)
@@ -131,7 +141,7 @@ def _prepare_out_dir(out: str | None, overwrite: bool, resume: str | None) -> Pa
     return path
 
 
-def _find_checkpoint(resume: str, out_dir: Path, model) -> Checkpoint | None:
+def _find_checkpoint(resume: str, out_dir: Path, model, info=click.echo) -> Checkpoint | None:
     """Rank 0 only: the checkpoint to resume from, verified and matching the model, or None."""
 
     def compatible(ckpt: Checkpoint) -> Checkpoint:
@@ -149,7 +159,7 @@ def _find_checkpoint(resume: str, out_dir: Path, model) -> Checkpoint | None:
             click.echo(f"warning: skipping damaged checkpoint {candidate}: {exc}", err=True)
             continue
         return compatible(ckpt)
-    click.echo(f"no checkpoint in {out_dir / 'checkpoints'}: starting fresh")
+    info(f"no checkpoint in {out_dir / 'checkpoints'}: starting fresh")
     return None
 
 
@@ -169,7 +179,7 @@ def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 @_train_options
 @_common_options
 @_reports_errors
-def train(config_path, overrides, out, overwrite, resume, comm_kind="auto", debug=False):
+def train(config_path, overrides, out, overwrite, resume, quiet=False, timeline=None, comm_kind="auto", debug=False):
     """Train a model, on one process or on every rank of an MPI job.
 
     Exit status: 0 done; 1 crashed; 2 bad input; 3 diverged (NaN/inf) or ranks out of sync;
@@ -178,7 +188,7 @@ def train(config_path, overrides, out, overwrite, resume, comm_kind="auto", debu
     comm = make_comm(comm_kind)
     with comm.fail_fast(), StopOnSignal() as stop_signals:  # from the start: a signal in set-up stops at step 1
         try:
-            _train(comm, config_path, overrides, out, overwrite, resume, debug, stop_signals)
+            _train(comm, config_path, overrides, out, overwrite, resume, debug, stop_signals, quiet, timeline)
         except CollectiveError as exc:  # raised by every rank at the same step
             if debug:
                 raise
@@ -187,7 +197,9 @@ def train(config_path, overrides, out, overwrite, resume, comm_kind="auto", debu
             raise ExitQuietly(exc.exit_code) from None
 
 
-def _train(comm, config_path, overrides, out, overwrite, resume, debug, stop_signals) -> None:
+def _train(comm, config_path, overrides, out, overwrite, resume, debug, stop_signals, quiet=False,
+           timeline=None) -> None:
+    info = (lambda line: None) if quiet else click.echo  # what --quiet leaves out
     if comm.is_mpi:
         limit_threads_in_process(comm.local_size)
     error, out_dir = None, None
@@ -199,7 +211,7 @@ def _train(comm, config_path, overrides, out, overwrite, resume, debug, stop_sig
         if comm.rank == 0:
             out_dir = _prepare_out_dir(out, overwrite, resume)
             if resume:
-                checkpoint = _find_checkpoint(resume, out_dir, model)
+                checkpoint = _find_checkpoint(resume, out_dir, model, info)
     except UserError as exc:
         if debug:
             raise
@@ -213,19 +225,24 @@ def _train(comm, config_path, overrides, out, overwrite, resume, debug, stop_sig
         clean_stale_temporaries(out_dir / "checkpoints")
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.toml").write_text(config.to_toml(), encoding="utf-8")
-        click.echo(f"dptrain {__version__}: {comm.size} rank{'s' if comm.size > 1 else ''} ({comm.library}), "
-                   f"{len(train_set)} training / {len(val_set)} validation samples, {model.n_params:,} parameters, "
-                   f"run folder {out_dir}")
-        click.echo("resolved config:\n" + "\n".join("  " + line for line in config.to_toml().strip().splitlines()))
+        info(f"dptrain {__version__}: {comm.size} rank{'s' if comm.size > 1 else ''} ({comm.library}), "
+             f"{len(train_set)} training / {len(val_set)} validation samples, {model.n_params:,} parameters, "
+             f"run folder {out_dir}")
+        info("resolved config:\n" + "\n".join("  " + line for line in config.to_toml().strip().splitlines()))
 
+    # rank 0 writes metrics.jsonl, metrics.csv and summary.json; prints progress (a bar on a terminal)
+    metrics = MetricsLogger(out_dir, every_steps=config.log.every_steps)
+    progress = None if quiet else ProgressBar(every_steps=config.log.every_steps, echo=click.echo)
+    callbacks = [c for c in (progress, metrics, Timeline(timeline) if timeline else None) if c is not None]
     trainer = build_trainer(config, model, parts.loss, parts.optimizer, train_set, val_set, comm, out_dir=out_dir,
-                            stop_on_signals=stop_signals, log=click.echo)
+                            stop_on_signals=stop_signals, callbacks=callbacks,
+                            log=None if quiet else progress.write)
     if trainer.resume(checkpoint) and comm.rank == 0:
-        click.echo(f"resuming from {checkpoint.path} (step {trainer.step}, epoch {trainer.epoch}, "
-                   f"written by {checkpoint.meta.get('world_size')} rank(s))")
+        info(f"resuming from {checkpoint.path} (step {trainer.step}, epoch {trainer.epoch}, "
+             f"written by {checkpoint.meta.get('world_size')} rank(s))")
         changes = _config_changes(checkpoint.meta.get("config", {}), config.to_dict())
         if changes:
-            click.echo("note: the config differs from the checkpoint's: " + "; ".join(changes))
+            info("note: the config differs from the checkpoint's: " + "; ".join(changes))
     t0 = time.perf_counter()
     trainer.fit()
     if trainer.stopped:
@@ -234,9 +251,10 @@ def _train(comm, config_path, overrides, out, overwrite, resume, debug, stop_sig
         raise ExitQuietly(EXIT_REQUEUE)
     if comm.rank == 0:
         last = trainer.last_metrics
-        summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("val_loss", "val_accuracy", "val_rmse") if k in last)
+        keys = ("val_loss", "val_accuracy", "val_rmse", "val_r2")
+        summary = ", ".join(f"{k} {last[k]:.4f}" for k in keys if k in last)
         summary = summary or f"train_loss {last.get('train_loss', math.nan):.4f}"
-        click.echo(f"done in {time.perf_counter() - t0:.1f} s: {summary}; "
+        click.echo(f"done in {time.perf_counter() - t0:.1f} s: {summary}; {summary_line(metrics.summary)}; "
                    f"checkpoint {trainer.last_checkpoint}")
 
 
@@ -244,60 +262,98 @@ def _train(comm, config_path, overrides, out, overwrite, resume, debug, stop_sig
 @click.option("--checkpoint", "checkpoint_path", required=True, type=click.Path(),
               help="A checkpoint folder (e.g. runs/d1/checkpoints/latest), or a run folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a line of text.")
+@click.option("--data", "data_path", default=None, type=click.Path(),
+              help="Evaluate on every row of this file instead: an .npz with x and y (or a folder with x.npy and "
+              "y.npy), or a .csv with the config's data.target column.")
 @_common_options
 @_reports_errors
-def eval_command(checkpoint_path, as_json, comm_kind="auto", debug=False):
-    """Evaluate a checkpoint's model on its config's validation split."""
+def eval_command(checkpoint_path, as_json, data_path=None, comm_kind="auto", debug=False):
+    """Evaluate a checkpoint's model on its config's validation split, or on every row of --data."""
     comm = make_comm(comm_kind)
     with comm.fail_fast():
         error = None
         try:
             ckpt = load_checkpoint(checkpoint_path)
-            config = config_from_dict(ckpt.meta.get("config", {}), f"checkpoint {ckpt.path / 'meta.json'}")
-            dataset = load_dataset(config)
-            _, val_set = train_val_split(config, dataset)
-            if len(val_set) == 0:
-                raise UserError(f"checkpoint {ckpt.path}: its config has data.val_fraction = 0, no validation split")
-            loss = build_loss(config, dataset)
-            model = build_model(config, dataset.n_features, dataset.n_outputs, init=False)
-            problem = describe_incompatibility(ckpt, model.state_shapes(), model.dtype)
-            if problem:
-                raise UserError(problem)
-            model.load_params(ckpt.model)
+            if data_path is not None:  # the model from the checkpoint alone; the config's data is not needed
+                model, loss, val_set = evaluation_inputs(ckpt, data_path)
+            else:
+                config = config_from_dict(ckpt.meta.get("config", {}), f"checkpoint {ckpt.path / 'meta.json'}")
+                dataset = load_dataset(config)
+                _, val_set = train_val_split(config, dataset)
+                if len(val_set) == 0:
+                    raise UserError(f"checkpoint {ckpt.path}: its config has data.val_fraction = 0, no validation "
+                                    f"split")
+                loss = build_loss(config, dataset)
+                model = build_model(config, dataset.n_features, dataset.n_outputs, init=False)
+                problem = describe_incompatibility(ckpt, model.state_shapes(), model.dtype)
+                if problem:
+                    raise UserError(problem)
+                model.load_params(ckpt.model)
         except UserError as exc:
             error = exc
         comm.raise_if_any_failed(error)
         result = evaluate(model, loss, val_set, comm)
         result.update(checkpoint=str(ckpt.path), step=ckpt.meta.get("step"))
+        if data_path is not None:
+            result["data"] = str(data_path)
         if comm.rank == 0:
             if as_json:
                 click.echo(json.dumps(result))
             else:
-                metric = f"accuracy {result['accuracy']:.4f}" if "accuracy" in result else f"rmse {result['rmse']:.4f}"
+                metric = (f"accuracy {result['accuracy']:.4f}" if "accuracy" in result
+                          else f"rmse {result['rmse']:.4f}  r2 {result['r2']:.4f}")
                 click.echo(f"loss {result['loss']:.4f}  {metric}  n_samples {result['n_samples']}  "
                            f"(checkpoint {result['checkpoint']}, step {result['step']})")
 
 
-@main.command(context_settings=dict(CONTEXT, ignore_unknown_options=True))
-@click.option("-n", "--ranks", "n_ranks", type=int, required=True, help="Number of MPI ranks.")
-@click.option("--mpirun", default=None, metavar="PATH",
-              help="mpiexec/mpirun to use [default: $DPTRAIN_MPIRUN, the one next to this Python, or PATH].")
-@click.option("--dry-run", is_flag=True, help="Print the command instead of running it.")
-@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
-@click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
-@_reports_errors
-def launch(n_ranks, mpirun, dry_run, train_args, debug=False):
-    """Run `dptrain train TRAIN_ARGS` on N ranks with mpiexec (no shell involved).
-
-    Sets BLAS/OpenMP threads per rank to max(1, cores / N) unless you set OMP_NUM_THREADS or
-    similar. Example: dptrain launch -n 2 --config configs/digits_mlp.toml --out runs/d1
-    """
-    # Check the train options and the config here, before starting N processes.
+def _check_train_args(train_args) -> dict:
+    """`dptrain train TRAIN_ARGS` parsed and its config loaded, so bad input stops a launch before it starts."""
     try:
         sub = train.make_context("train", list(train_args))
     except click.UsageError as exc:
         raise UserError(f"train options: {exc.format_message()}") from None
     load_config(sub.params["config_path"], sub.params["overrides"])
+    return sub.params
+
+
+@main.command(context_settings=dict(CONTEXT, ignore_unknown_options=True))
+@click.option("-n", "--ranks", "n_ranks", type=int, default=None, help="Number of MPI ranks, started here.")
+@click.option("--mpirun", default=None, metavar="PATH",
+              help="mpiexec/mpirun to use [default: $DPTRAIN_MPIRUN, the one next to this Python, or PATH].")
+@click.option("--dry-run", is_flag=True, help="Print the command instead of running it.")
+@click.option("--scheduler", default=None, metavar="slurm|pbs",
+              help="Instead of -n: make a batch job from launch/slurm.sbatch or launch/pbs.sh.")
+@click.option("--nodes", default=None, metavar="N", help="With --scheduler: nodes.")
+@click.option("--ranks-per-node", default=None, metavar="K", help="With --scheduler: MPI ranks per node.")
+@click.option("--time", "time_limit", default=None, metavar="HH:MM:SS", help="With --scheduler: the time limit.")
+@click.option("--job-name", default=None, help="With --scheduler: the job's name [default: dptrain].")
+@click.option("--print", "print_script", is_flag=True,
+              help="With --scheduler: print the batch script (the default without --submit/--script-out).")
+@click.option("--script-out", default=None, metavar="FILE", help="With --scheduler: write the batch script to FILE.")
+@click.option("--submit", is_flag=True,
+              help="With --scheduler: write the script (to --script-out, else runs/jobs/) and submit it with "
+              "sbatch or qsub; prints the job id.")
+@click.option("--template", default=None, metavar="FILE",
+              help="With --scheduler: the template [default: launch/slurm.sbatch or launch/pbs.sh].")
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+@click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
+@_reports_errors
+def launch(n_ranks, mpirun, dry_run, train_args, debug=False, **job):
+    """Run `dptrain train TRAIN_ARGS` on N ranks with mpiexec (no shell involved), or make a Slurm or
+    PBS batch job that runs it (--scheduler).
+
+    Sets BLAS/OpenMP threads per rank to max(1, cores / N) unless you set OMP_NUM_THREADS or
+    similar. Example: dptrain launch -n 2 --config configs/digits_mlp.toml --out runs/d1
+
+    Batch job: dptrain launch --scheduler slurm --nodes 2 --ranks-per-node 4 --time 01:00:00 --submit
+    --config configs/digits_mlp.toml --out runs/big. The job always trains with --resume auto, so that
+    a requeued or continued job carries on from its newest checkpoint.
+    """
+    if n_ranks is None or any(job.values()):  # a batch job (or a mix of the two modes): in cli_jobs.py
+        from .cli_jobs import launch_batch_job
+
+        return launch_batch_job(n_ranks, mpirun, dry_run, list(train_args), **job)
+    _check_train_args(train_args)  # before starting N processes
 
     argv = build_command(find_mpiexec(mpirun), n_ranks, list(train_args))
     extra_env = thread_environment(n_ranks)
@@ -384,3 +440,14 @@ def model_summary(config_path, overrides, debug=False):
 
 def _shape_text(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+from .cli_model import plot_command, predict_command  # noqa: E402  (after main and the helpers it uses)
+
+main.add_command(predict_command)
+main.add_command(plot_command)
+
+from .cli_jobs import info_command, config_group  # noqa: E402
+
+main.add_command(info_command)
+main.add_command(config_group)
