@@ -424,18 +424,24 @@ def model_summary(config_path, overrides, debug=False):
 
     The input shape comes from the data (data.shape), the output width from the data and loss.
     """
+    from .cli_jobs import _echo_once  # noqa: PLC0415 (cli_jobs imports this module)
+
+    _echo_once(lambda comm: _summary_text(config_path, overrides), "auto", debug)
+
+
+def _summary_text(config_path, overrides) -> str:
     config = load_config(config_path, overrides)
     dataset = load_dataset(config)
     model = build_model(config, dataset.n_features, dataset.n_outputs, init=False)
     rows = [("#", "layer", "output shape", "parameters"), ("", "input", _shape_text(model.in_shape), "")]
     rows += [(str(i), desc, _shape_text(shape), f"{count:,}") for i, (desc, shape, count) in enumerate(model.summary())]
     widths = [max(len(r[j]) for r in rows) for j in range(4)]
-    for r in rows:
-        click.echo(f"{r[0]:>{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>{widths[3]}}".rstrip())
+    lines = [f"{r[0]:>{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>{widths[3]}}".rstrip() for r in rows]
     n_buffers = len(model.state_buffer)
-    click.echo(f"total: {model.n_params:,} parameters ({model.n_params * model.dtype.itemsize / 2**20:.2f} MiB "
-               f"as {model.dtype})" + (f", {n_buffers:,} buffer values" if n_buffers else "")
-               + f"; data {dataset.source}: {len(dataset)} samples, {dataset.n_outputs} outputs")
+    lines.append(f"total: {model.n_params:,} parameters ({model.n_params * model.dtype.itemsize / 2**20:.2f} MiB "
+                 f"as {model.dtype})" + (f", {n_buffers:,} buffer values" if n_buffers else "")
+                 + f"; data {dataset.source}: {len(dataset)} samples, {dataset.n_outputs} outputs")
+    return "\n".join(lines) + "\n"
 
 
 def _shape_text(shape: tuple[int, ...]) -> str:
