@@ -20,6 +20,8 @@ import warnings
 import zipfile
 import zlib
 from array import array as packed_array
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from numpy.lib import format as npy_format
@@ -338,7 +340,8 @@ def load_csv(path: str, target: str, labels: bool | None = None) -> Dataset:
     if not os.path.isfile(path):
         raise UserError(f"data file {path}: not found")
     try:
-        names, values, lines = _read_csv(path, target)
+        where = f"data file {path}"
+        names, values, lines = read_csv(path, where, lambda names: _check_target(names, target, where))
     except UnicodeDecodeError as exc:
         raise UserError(f"data file {path}: is not UTF-8 text ({exc.reason}); save it as UTF-8") from None
     except OSError as exc:
@@ -370,15 +373,26 @@ def load_csv(path: str, target: str, labels: bool | None = None) -> Dataset:
     return dataset
 
 
-def _read_csv(path: str, target: str) -> tuple[list[str], np.ndarray, list[int] | None]:
-    """(column names, values (N, columns) float64, file line of each row or None if not tracked).
+def read_csv(path: str | Path, where: str,
+             check_header: Callable[[list[str]], None] = lambda names: None) -> tuple[list[str], np.ndarray, list[int] | None]:
+    """(column names, values (N, columns) float64, file line of each row or None if not tracked)
+    of a CSV file with a header row; ``where`` starts every error message (e.g. "data file x.csv").
 
-    Raises UserError for a missing target column, no data, a short or long row, a cell that is
-    not a finite number.
+    ``check_header(names)`` may refuse the header (UserError). Blank lines are skipped. A clean
+    file is read by NumPy's fast parser; otherwise a second pass with the csv module finds the
+    first bad row (the line of the file, the header being row 1) or cell and says so: a short or
+    long row, a cell that is not a finite number, no data rows.
     """
     with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark is not part of a name
         reader = csv.reader(fh, skipinitialspace=True)
-        names = _csv_header(reader, path, target)
+        try:
+            header = next((row for row in reader if row), None)
+        except csv.Error as exc:
+            raise UserError(f"{where}: row {reader.line_num}: not valid CSV ({exc})") from None
+        if header is None:
+            raise UserError(f"{where}: is empty (expected a header row naming the columns, then data rows)")
+        names = [name.strip() for name in header]
+        check_header(names)
         try:
             with warnings.catch_warnings():  # loadtxt warns on no data: the scan below reports it
                 warnings.simplefilter("ignore")
@@ -387,64 +401,57 @@ def _read_csv(path: str, target: str) -> tuple[list[str], np.ndarray, list[int] 
             values = None
     if values is not None and len(values) and values.shape[1] == len(names) and np.isfinite(values).all():
         return names, values, None
-    return _scan_csv(path, target)  # finds what is wrong and says so (or reads what loadtxt could not)
+    return (names, *_scan_csv(path, where, names))  # finds what is wrong and says so (or reads what loadtxt could not)
 
 
-def _csv_header(reader, path: str, target: str) -> list[str]:
-    """The column names (stripped of surrounding spaces), checked to hold ``target`` once and a feature."""
-    try:
-        header = next((row for row in reader if row), None)
-    except csv.Error as exc:
-        raise UserError(f"data file {path}: row {reader.line_num}: not valid CSV ({exc})") from None
-    if header is None:
-        raise UserError(f"data file {path}: is empty (expected a header row naming the columns, then data rows)")
-    names = [name.strip() for name in header]
+def _check_target(names: list[str], target: str, where: str) -> None:
+    """The header must hold ``target`` once, and a feature besides it."""
     count = names.count(target)
     if count == 0:
         shown = ", ".join(repr(n) for n in names[:20]) + (f", ... ({len(names)} columns)" if len(names) > 20 else "")
-        raise UserError(f"data file {path}: no column named {target!r} (data.target) in the header row; "
+        raise UserError(f"{where}: no column named {target!r} (data.target) in the header row; "
                         f"the columns are {shown}")
     if count > 1:
-        raise UserError(f"data file {path}: {count} columns are named {target!r} (data.target) in the header row")
+        raise UserError(f"{where}: {count} columns are named {target!r} (data.target) in the header row")
     if len(names) < 2:
-        raise UserError(f"data file {path}: no feature column besides the target {target!r}")
-    return names
+        raise UserError(f"{where}: no feature column besides the target {target!r}")
 
 
-def _scan_csv(path: str, target: str) -> tuple[list[str], np.ndarray, list[int]]:
-    """What _read_csv returns, read row by row with the csv module: slower, but it names the
-    first bad row (the line of the file) and column."""
+def _scan_csv(path: str | Path, where: str, names: list[str]) -> tuple[np.ndarray, list[int]]:
+    """The data rows of a CSV file read row by row with the csv module: slower than loadtxt, but
+    it names the first bad row (the line of the file) and column. Returns (values, file lines)."""
     values, lines = packed_array("d"), []  # 8 bytes a value, not a Python float's 32
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh, skipinitialspace=True)
-        names = _csv_header(reader, path, target)
         try:
+            next(row for row in reader if row)  # the header, checked already
             for row in reader:
                 if not row:
                     continue  # a blank line
                 if len(row) != len(names):
-                    raise UserError(f"data file {path}: row {reader.line_num} has {len(row)} "
+                    raise UserError(f"{where}: row {reader.line_num} has {len(row)} "
                                     f"cell{'s' if len(row) != 1 else ''}, but the header has {len(names)} columns")
                 try:
                     numbers = [float(cell) for cell in row]
                 except ValueError:
-                    j = next(j for j, cell in enumerate(row) if not _is_number(cell))
+                    j = next(j for j, cell in enumerate(row) if not is_number(cell))
                     what = "an empty cell" if not row[j].strip() else f"{row[j]!r} is not a number"
-                    raise UserError(f"data file {path}: row {reader.line_num}, column {names[j]!r}: {what}") from None
+                    raise UserError(f"{where}: row {reader.line_num}, column {names[j]!r}: {what}") from None
                 if not all(map(math.isfinite, numbers)):
                     j = next(j for j, v in enumerate(numbers) if not math.isfinite(v))
-                    raise UserError(f"data file {path}: row {reader.line_num}, column {names[j]!r}: {row[j].strip()!r} "
+                    raise UserError(f"{where}: row {reader.line_num}, column {names[j]!r}: {row[j].strip()!r} "
                                     f"is not a finite number")
                 values.extend(numbers)
                 lines.append(reader.line_num)
         except csv.Error as exc:
-            raise UserError(f"data file {path}: row {reader.line_num}: not valid CSV ({exc})") from None
+            raise UserError(f"{where}: row {reader.line_num}: not valid CSV ({exc})") from None
     if not lines:
-        raise UserError(f"data file {path}: has a header row but no data rows")
-    return names, np.frombuffer(values, dtype=np.float64).reshape(len(lines), len(names)), lines
+        raise UserError(f"{where}: has a header row but no data rows")
+    return np.frombuffer(values, dtype=np.float64).reshape(len(lines), len(names)), lines
 
 
-def _is_number(cell: str) -> bool:
+def is_number(cell: str) -> bool:
+    """Whether ``float(cell)`` reads it."""
     try:
         float(cell)
     except ValueError:

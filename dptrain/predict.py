@@ -14,11 +14,9 @@ on 1 or N ranks. Rank 0 gathers the outputs in row order and writes the file.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import re
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -153,80 +151,25 @@ def _first_non_finite_row(x: np.ndarray, dtype: np.dtype) -> int | None:
 
 
 def read_csv_columns(path: str | Path, where: str) -> tuple[list[str], np.ndarray]:
-    """(column names, values of shape (N, columns) as float64) of a CSV file with a header row.
-
-    Blank lines are skipped. A row in an error message is the line of the file (the header is
-    row 1), as for ``data.name = "csv"``. A first row made of numbers is refused: it is data, so
-    the header is missing.
-    """
+    """(column names, values of shape (N, columns) as float64) of a CSV file with a header row,
+    read as for ``data.name = "csv"`` (:func:`dptrain.data.read_csv`). A first row made of numbers
+    is refused: it is data, so the header is missing; so is a column name given twice."""
     try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark is not part of a name
-            reader = csv.reader(fh)
-            try:
-                header = next((row for row in reader if row), None)
-            except csv.Error as exc:
-                raise UserError(f"{where}: row {reader.line_num}: not valid CSV ({exc})") from None
-            if header is None:
-                raise UserError(f"{where}: is empty (expected a header row naming the columns, then data rows)")
-            names = [name.strip() for name in header]
-            if all(_is_number(name) for name in names):
-                raise UserError(f"{where}: the first row ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}) "
-                                f"is numbers; expected a header row naming the columns")
-            duplicates = sorted({n for n in names if names.count(n) > 1})
-            if duplicates:
-                raise UserError(f"{where}: column {duplicates[0]!r} appears more than once in the header row")
-            try:
-                with warnings.catch_warnings():  # loadtxt warns on no data: the scan below reports it
-                    warnings.simplefilter("ignore")
-                    values = np.loadtxt(fh, dtype=np.float64, delimiter=",", quotechar='"', comments=None, ndmin=2)
-            except ValueError:
-                values = None
-        if values is not None and len(values) and values.shape[1] == len(names) and np.isfinite(values).all():
-            return names, values
-        return names, _scan_csv(path, where, names)  # slower, and names the first bad row and column
+        names, values, _ = data_mod.read_csv(path, where, lambda names: _check_header(names, where))
     except UnicodeDecodeError as exc:
         raise UserError(f"{where}: is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise UserError(f"{where}: cannot be read ({exc.strerror or exc})") from None
+    return names, values
 
 
-def _scan_csv(path: str | Path, where: str, names: list[str]) -> np.ndarray:
-    rows = []
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh)
-        next(row for row in reader if row)  # the header
-        try:
-            for row in reader:
-                if not row:
-                    continue
-                if len(row) != len(names):
-                    cells = f"{len(row)} cell{'s' if len(row) != 1 else ''}"
-                    raise UserError(f"{where}: row {reader.line_num} has {cells}, but the header has {len(names)} "
-                                    f"columns")
-                try:
-                    numbers = [float(cell) for cell in row]
-                except ValueError:
-                    j = next(j for j, cell in enumerate(row) if not _is_number(cell))
-                    what = "an empty cell" if not row[j].strip() else f"{row[j].strip()!r} is not a number"
-                    raise UserError(f"{where}: row {reader.line_num}, column {names[j]!r}: {what}") from None
-                if not all(map(math.isfinite, numbers)):
-                    j = next(j for j, v in enumerate(numbers) if not math.isfinite(v))
-                    raise UserError(f"{where}: row {reader.line_num}, column {names[j]!r}: {row[j].strip()!r} "
-                                    f"is not a finite number")
-                rows.append(numbers)
-        except csv.Error as exc:
-            raise UserError(f"{where}: row {reader.line_num}: not valid CSV ({exc})") from None
-    if not rows:
-        raise UserError(f"{where}: has a header row but no data rows")
-    return np.array(rows, dtype=np.float64)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+def _check_header(names: list[str], where: str) -> None:
+    if all(data_mod.is_number(name) for name in names):
+        raise UserError(f"{where}: the first row ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}) "
+                        f"is numbers; expected a header row naming the columns")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise UserError(f"{where}: column {duplicates[0]!r} appears more than once in the header row")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from dptrain.cli import main
 from dptrain.config import load_config
-from dptrain.data import MAX_CLASSES, _read_csv, load_csv
+from dptrain.data import MAX_CLASSES, load_csv, read_csv
 from dptrain.errors import UserError
 
 FAST = ["--set", "train.epochs=1", "--set", "model.hidden=[8]", "--set", "data.val_fraction=0.25"]
@@ -82,7 +82,7 @@ def test_a_clean_file_takes_the_fast_parser(tmp_path):
     values = np.column_stack([rng.standard_normal((500, 4)), rng.integers(0, 3, 500)])
     path = tmp_path / "d.csv"
     np.savetxt(path, values, delimiter=",", header="a,b,c,d,y", comments="", fmt="%.17g")
-    _, parsed, lines = _read_csv(str(path), "y")
+    _, parsed, lines = read_csv(str(path), "test")
     assert lines is None  # np.loadtxt read it; no per-cell Python work
     np.testing.assert_array_equal(parsed, values)
     d = load_csv(str(path), "y")
@@ -96,7 +96,7 @@ def test_fast_and_slow_parsers_agree(tmp_path):
     quoted = "\n".join(f'{a:.17g}, "{b:.17g}",{y}' for a, b, y in values)  # np.loadtxt cannot read these
     fast = load_csv(str(write(tmp_path, f"a,b,y\n{plain}\n", "plain.csv")), "y")
     slow = load_csv(str(write(tmp_path, f"a,b,y\n{quoted}\n", "quoted.csv")), "y")
-    assert _read_csv(str(tmp_path / "quoted.csv"), "y")[2] is not None  # the csv module read it
+    assert read_csv(str(tmp_path / "quoted.csv"), "test")[2] is not None  # the csv module read it
     np.testing.assert_array_equal(fast.x, slow.x)
     np.testing.assert_array_equal(fast.y, slow.y)
 
