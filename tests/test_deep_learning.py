@@ -92,6 +92,18 @@ def test_cnn_with_batchnorm_dropout_adam_cosine_clip_same_weights_at_any_world_s
 
 
 @needs_mpiexec
+def test_cnn_with_sharded_adam_state_and_clipping_same_weights_on_2_ranks(cnn_single, tmp_path):
+    """ZeRO-1: each rank updates its block with its block of Adam's state; the clipping norm sums the
+    blocks' squares over the ranks."""
+    sets = [a for s in [*CNN_EXACT, "optim.shard=true"] for a in ("--set", s)]
+    result = dptrain("train", "--config", CNN_CONFIG, *sets, "--out", str(tmp_path / "run"), ranks=2)
+    assert result.returncode == 0, result.stderr
+    model, optimizer = _final(tmp_path / "run")
+    assert_arrays_close(model, cnn_single[0], rtol=1e-9)
+    assert_arrays_close(optimizer, cnn_single[1], rtol=1e-9)
+
+
+@needs_mpiexec
 @pytest.mark.parametrize("optimizer", ["rmsprop", "adamw"])
 def test_mlp_with_norms_and_dropout_same_weights_on_3_ranks(optimizer, tmp_path):
     config = tmp_path / "mlp.toml"
