@@ -38,19 +38,13 @@ from .build import (
     build_parts,
     build_trainer,
 )
-from .comm import launched_by_mpi
+from .comm import refuse_under_mpi
 from .config import Config, load_config
 from .data import epoch_order, global_batch, shard
 from .errors import CollectiveError, ExitQuietly, UserError
-from .launcher import (
-    THREAD_VARIABLES,
-    available_cores,
-    find_mpiexec,
-    limit_threads_in_process,
-    thread_environment,
-    user_set_threads,
-)
+from .launcher import build_command, describe_threads, find_mpiexec, thread_setup
 from .nn import Dense, ReLU, Sigmoid, Tanh
+from .sysinfo import blas_info, cpu_info, openmp_threads, thread_pools
 
 REFERENCE_PER_RANK_BATCH = 256
 REFERENCE_BATCHES = 4  # the synthetic reference data holds this many global batches; steps cycle over them
@@ -102,47 +96,12 @@ def describe_model(model) -> str:
 # ---------------------------------------------------------------------------------------------
 # Threads, BLAS, memory
 
-def blas_info() -> list[dict[str, Any]]:
-    """The BLAS libraries loaded in this process (threadpoolctl): library, version, kernel, threads."""
-    from threadpoolctl import threadpool_info
-
-    keys = ("internal_api", "version", "architecture", "threading_layer", "num_threads", "prefix")
-    return [{k: lib.get(k) for k in keys} for lib in threadpool_info() if lib.get("user_api") == "blas"]
-
-
-def openmp_threads() -> int | None:
-    from threadpoolctl import threadpool_info
-
-    counts = [lib["num_threads"] for lib in threadpool_info() if lib.get("user_api") == "openmp"]
-    return max(counts) if counts else None
-
-
-def _threads_source(limited: int | None) -> str:
-    if user_set_threads(os.environ):
-        return "environment (" + ", ".join(f"{v}={os.environ[v]}" for v in THREAD_VARIABLES
-                                           if os.environ.get(v)) + ")"
-    if limited is not None:
-        return f"dptrain: max(1, cores / ranks per node) = {limited}"
-    return "library default"
-
-
 def peak_rss_mb() -> float:
     """This process's peak resident memory, in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
     import resource  # Unix only
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +217,6 @@ def run_bench(comm, config_path: str | None = None, overrides: tuple[str, ...] |
     """
     if steps < 1 or warmup < 0:
         raise UserError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
-    limited = limit_threads_in_process(comm.local_size) if comm.is_mpi else None
     error = None
     try:
         config = bench_config(config_path, overrides, comm.size, per_rank_batch)
@@ -312,8 +270,9 @@ def run_bench(comm, config_path: str | None = None, overrides: tuple[str, ...] |
                       "local_batch": local_batch}
 
     step_s = elapsed / steps
-    libs = blas_info()
-    threads = libs[0]["num_threads"] if libs else openmp_threads()
+    pools = thread_pools()
+    libs = blas_info(pools)
+    threads = libs[0]["num_threads"] if libs else openmp_threads(pools)
     run = {
         "ranks": comm.size,
         "ranks_per_node": comm.local_size,
@@ -330,8 +289,8 @@ def run_bench(comm, config_path: str | None = None, overrides: tuple[str, ...] |
         "peak_rss_mb": {"max": float(rss.max()), "per_rank": [float(v) for v in rss]},
         "efficiency": 1.0 if comm.size == 1 else None,
         "threads_per_rank": threads,
-        "openmp_threads": openmp_threads(),
-        "threads_set_by": _threads_source(limited),
+        "openmp_threads": openmp_threads(pools),
+        "threads_set_by": describe_threads(comm.local_size if comm.thread_limit is not None else None),
         "blas": libs,
         "mpi": comm.library,
     }
@@ -361,6 +320,7 @@ def make_report(workload: dict[str, Any], runs: list[dict[str, Any]]) -> dict[st
     for r in runs:
         r["efficiency"] = (r["samples_per_s"] / (r["ranks"] * base["samples_per_s"])) if base else None
     first = runs[0]
+    machine_cpu = cpu_info()
     return {
         "dptrain_version": __version__,
         "workload": workload,
@@ -368,8 +328,8 @@ def make_report(workload: dict[str, Any], runs: list[dict[str, Any]]) -> dict[st
         "threads_per_rank": {str(r["ranks"]): r["threads_per_rank"] for r in runs},
         "blas": first["blas"][0] if first["blas"] else None,
         "mpi": first["mpi"],
-        "machine": {"cpu": _cpu_model(), "cores": available_cores(), "python": platform.python_version(),
-                    "numpy": np.__version__},
+        "machine": {"cpu": machine_cpu["model"], "cores": machine_cpu["cores"],
+                    "python": platform.python_version(), "numpy": np.__version__},
     }
 
 
@@ -390,8 +350,8 @@ def parse_ranks(text: str) -> list[int]:
 def child_command(mpiexec: str, n_ranks: int, config_path: str | None, overrides, steps: int, warmup: int,
                   per_rank_batch: int | None, debug: bool = False) -> list[str]:
     """The argv of the child that benchmarks ``n_ranks`` ranks in place and prints its report as JSON."""
-    argv = [mpiexec, "-n", str(n_ranks), sys.executable, "-m", "dptrain", "bench", "--json",
-            "--steps", str(steps), "--warmup", str(warmup)]
+    argv = build_command(mpiexec, n_ranks, ["--json", "--steps", str(steps), "--warmup", str(warmup)],
+                         subcommand="bench")
     if config_path is not None:
         argv += ["--config", config_path]
     for text in overrides:
@@ -412,7 +372,7 @@ def run_children(ranks: list[int], mpiexec: str, config_path: str | None, overri
     workload, runs = None, []
     for n in ranks:
         argv = child_command(mpiexec, n, config_path, overrides, steps, warmup, per_rank_batch, debug)
-        extra = thread_environment(n)
+        extra, threads_set_by = thread_setup(n)
         if progress is not None:
             progress(" ".join([*(f"{k}={v}" for k, v in extra.items() if k == "OMP_NUM_THREADS"), *argv[:3],
                                "dptrain bench ..."]))
@@ -430,9 +390,7 @@ def run_children(ranks: list[int], mpiexec: str, config_path: str | None, overri
         if report is None:
             raise UserError(f"the benchmark at {n} ranks printed no report: {proc.stdout.strip()[-300:]!r}")
         run = report["runs"][0]
-        if extra:
-            run["threads_set_by"] = (f"dptrain bench: max(1, cores / ranks per node) = "
-                                     f"{extra['OMP_NUM_THREADS']} ({', '.join(THREAD_VARIABLES[:3])}, ...)")
+        run["threads_set_by"] = threads_set_by  # the child takes the variables set here for the user's
         runs.append(run)
         workload = workload or report["workload"]
     return make_report(workload, runs)
@@ -517,10 +475,8 @@ def bench_command(config_path: str | None, overrides, ranks: str | None, steps: 
 
     echo = echo or _echo
     if ranks is not None:
-        if launched_by_mpi():  # every rank refuses; rank 0 says why
-            make_comm(comm_kind).raise_if_any_failed(UserError(
-                "-n starts its own mpiexec runs; under mpirun, run `dptrain bench` without -n "
-                "(it benchmarks the job's world size)"))
+        refuse_under_mpi("-n starts its own mpiexec runs; under mpirun, run `dptrain bench` without -n "
+                         "(it benchmarks the job's world size)", comm_kind)
         world_sizes = parse_ranks(ranks)
         mpiexec = find_mpiexec(mpirun)
         report = run_children(world_sizes, mpiexec, config_path, overrides, steps, warmup, per_rank_batch, debug,

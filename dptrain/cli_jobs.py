@@ -19,11 +19,11 @@ from pathlib import Path
 
 import click
 
-from .bench import describe_model
+from .bench import describe_model, kernel_layers
 from .build import build_parts, build_schedule
 from .checkpoint import step_dirs
 from .cli import CONTEXT, _check_train_args, _common_options, _reports_errors, train
-from .comm import launched_by_mpi, make_comm
+from .comm import make_comm, refuse_under_mpi
 from .config import load_config
 from .data import steps_per_epoch
 from .errors import UserError
@@ -136,12 +136,13 @@ def _validate(config_path, overrides, world_size: str | None, comm) -> str:
     steps = steps_per_epoch(len(parts.train_set), config.train.batch_size)
     try:
         build_schedule(config, steps)
-    except ValueError as exc:
+    except ValueError as exc:  # kept until build_schedule raises the UserError itself
         raise UserError(f"optim: {exc}") from None
     t, o, model = config.train, config.optim, parts.model
     shape = "x".join(str(d) for d in model.in_shape)
-    model_text = describe_model(model)
-    if not model_text.startswith("MLP"):  # the whole chain is what `dptrain model summary` is for
+    if kernel_layers(model) is not None:  # a Dense/activation stack: "MLP 64-32-10 relu"
+        model_text = describe_model(model)
+    else:  # the whole chain is what `dptrain model summary` is for
         model_text = f"{len(model.layers)} layers from {shape} to {parts.dataset.n_outputs} outputs"
     return (f"config OK: data {parts.dataset.source}: {len(parts.train_set)} training / {len(parts.val_set)} "
             f"validation samples; {model_text}, {model.n_params:,} parameters; "
@@ -159,9 +160,8 @@ def launch_batch_job(n_ranks, mpirun, dry_run, train_args, *, scheduler, nodes, 
 
     Also reached when ``-n`` is missing, or given with a batch-job option: it then says which mode to use.
     """
-    if launched_by_mpi():  # every rank would write and submit a job: refuse, in one line from rank 0
-        make_comm(limit_threads=False).raise_if_any_failed(UserError(
-            "launch: run it outside mpirun/mpiexec/srun: it starts or submits the ranks itself"))
+    # under mpirun every rank would write and submit a job: refuse, in one line from rank 0
+    refuse_under_mpi("launch: run it outside mpirun/mpiexec/srun: it starts or submits the ranks itself")
     given = {"--nodes": nodes, "--ranks-per-node": ranks_per_node, "--time": time_limit, "--job-name": job_name,
              "--print": print_script, "--script-out": script_out, "--submit": submit, "--template": template}
     if scheduler is None:

@@ -75,6 +75,7 @@ class SingleProcessComm:
     local_size = 1
     is_mpi = False
     library = "none (single process)"
+    thread_limit = None  # a single process keeps the BLAS's default threads
 
     def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
         """Sum ``buf`` over all ranks, in place; returns buf."""
@@ -135,6 +136,8 @@ class MPIComm:
     """MPI.COMM_WORLD through the buffer API."""
 
     is_mpi = True
+    #: The BLAS/OpenMP threads :func:`make_comm` capped this rank at, or None (not capped).
+    thread_limit: int | None = None
 
     def __init__(self) -> None:
         from mpi4py import MPI
@@ -254,14 +257,18 @@ def _raise_if_any_failed(comm, error: BaseException | None) -> None:
 
 
 def make_comm(kind: str | None = None, limit_threads: bool = True):
-    """Return a communicator. kind: "auto" (default), "mpi" or "single".
+    """Return a communicator. kind: "auto" (default), "mpi" or "single"; "auto" or None defers to
+    ``DPTRAIN_COMM`` if it is set.
 
     Under MPI, ``limit_threads`` caps this rank's BLAS/OpenMP threads at cores / ranks per node
-    (unless OMP_NUM_THREADS or similar is set), so ranks sharing a node do not oversubscribe it.
+    (unless OMP_NUM_THREADS or similar is set), so ranks sharing a node do not oversubscribe it;
+    the cap is kept as ``comm.thread_limit`` (None if none was applied).
     """
-    kind = kind or os.environ.get("DPTRAIN_COMM", "auto")
+    from_environment = kind in (None, "auto") and bool(os.environ.get("DPTRAIN_COMM"))
+    kind = os.environ["DPTRAIN_COMM"] if from_environment else kind or "auto"
     if kind not in ("auto", "mpi", "single"):
-        raise UserError(f"unknown communicator {kind!r}: expected auto, mpi or single")
+        where = f"DPTRAIN_COMM={kind}: unknown communicator" if from_environment else f"unknown communicator {kind!r}"
+        raise UserError(f"{where}: expected auto, mpi or single")
     if kind == "single" or (kind == "auto" and not launched_by_mpi()):
         return SingleProcessComm()
     try:
@@ -272,5 +279,12 @@ def make_comm(kind: str | None = None, limit_threads: bool = True):
     if limit_threads:
         from .launcher import limit_threads_in_process
 
-        limit_threads_in_process(comm.local_size)
+        comm.thread_limit = limit_threads_in_process(comm.local_size)
     return comm
+
+
+def refuse_under_mpi(message: str, kind: str | None = None) -> None:
+    """For a command that must run outside mpirun/mpiexec/srun: under one, every rank exits with
+    status 2 (ExitQuietly) after rank 0 printed ``error: MESSAGE`` once; otherwise return."""
+    if launched_by_mpi():
+        make_comm(kind, limit_threads=False).raise_if_any_failed(UserError(message))

@@ -54,14 +54,38 @@ def thread_choice(ranks_per_node: int, cores: int | None = None,
     return max(1, cores // k), f"max(1, {cores} cores / {per_node})"
 
 
+def describe_threads(ranks_per_node: int | None, environ: Mapping[str, str] | None = None,
+                     cores: int | None = None) -> str:
+    """What sets a rank's BLAS/OpenMP threads, as ``dptrain info`` and ``dptrain bench`` word it.
+
+    "set by OMP_NUM_THREADS=2" when the user set a thread variable (dptrain then sets none);
+    else, for ``ranks_per_node`` ranks sharing a node, dptrain's choice: "dptrain: " and the
+    explanation of :func:`thread_choice`; else (``ranks_per_node`` None: a single process, which
+    dptrain does not cap) the BLAS's default.
+    """
+    env = os.environ if environ is None else environ
+    if user_set_threads(env):
+        return "set by " + ", ".join(f"{v}={env[v]}" for v in THREAD_VARIABLES if env.get(v))
+    if ranks_per_node is None:
+        return "the BLAS's default: dptrain sets none for a single process"
+    return "dptrain: " + thread_choice(ranks_per_node, cores, env)[1]
+
+
+def thread_setup(n_ranks: int, environ: Mapping[str, str] | None = None,
+                 cores: int | None = None) -> tuple[dict[str, str], str]:
+    """:func:`thread_environment` and what set the threads (:func:`describe_threads`), for a
+    launcher that starts ``n_ranks`` ranks on this node with that environment added."""
+    env = os.environ if environ is None else environ
+    if user_set_threads(env):
+        return {}, describe_threads(n_ranks, env, cores)
+    n, how = thread_choice(n_ranks, cores, env)
+    return {v: str(n) for v in THREAD_VARIABLES}, f"dptrain: {how}"
+
+
 def thread_environment(n_ranks: int, environ: Mapping[str, str] | None = None,
                        cores: int | None = None) -> dict[str, str]:
     """Thread variables to add for ``n_ranks`` ranks on this node; {} if the user set any."""
-    env = os.environ if environ is None else environ
-    if user_set_threads(env):
-        return {}
-    n = str(threads_per_rank(n_ranks, cores, env))
-    return {v: n for v in THREAD_VARIABLES}
+    return thread_setup(n_ranks, environ, cores)[0]
 
 
 def find_mpiexec(explicit: str | None = None, environ: Mapping[str, str] | None = None) -> str:
@@ -86,21 +110,49 @@ def find_mpiexec(explicit: str | None = None, environ: Mapping[str, str] | None 
 
 
 def build_command(mpiexec: str, n_ranks: int, train_args: list[str] | tuple[str, ...],
-                  python: str | None = None) -> list[str]:
-    """The argv that runs ``dptrain train TRAIN_ARGS`` on ``n_ranks`` ranks."""
+                  python: str | None = None, subcommand: str = "train") -> list[str]:
+    """The argv that runs ``dptrain SUBCOMMAND TRAIN_ARGS`` (``dptrain train`` by default) on ``n_ranks`` ranks."""
     if n_ranks < 1:
         raise UserError(f"-n {n_ranks}: the number of ranks must be >= 1")
-    return [mpiexec, "-n", str(n_ranks), python or sys.executable, "-m", "dptrain", "train", *train_args]
+    return [mpiexec, "-n", str(n_ranks), python or sys.executable, "-m", "dptrain", subcommand, *train_args]
+
+
+def bundled_with(filepath: str) -> str | None:
+    """"numpy" or "scipy" for a library a pip wheel bundles (numpy.libs/, scipy/.dylibs/ ...), else None.
+
+    A BLAS bundled with SciPy is SciPy's own (the optimizers' in-place updates use it), not NumPy's.
+    """
+    parts = (filepath or "").replace("\\", "/").split("/")
+    for package in ("numpy", "scipy"):
+        if f"{package}.libs" in parts or (package in parts and ".dylibs" in parts):
+            return package
+    return None
+
+
+def single_thread_scipys_own_blas() -> None:
+    """One thread for a BLAS that SciPy bundles for itself (pip wheels), not the one NumPy uses: what
+    the optimizers run their in-place updates with. Where SciPy shares NumPy's BLAS, nothing changes."""
+    from threadpoolctl import ThreadpoolController
+
+    for lib in ThreadpoolController().lib_controllers:
+        if bundled_with(lib.filepath) == "scipy":
+            lib.set_num_threads(1)
 
 
 def limit_threads_in_process(ranks_per_node: int) -> int | None:
     """For a bare ``mpirun dptrain``: cap BLAS/OpenMP threads of this rank with threadpoolctl,
-    unless the user set a thread variable. Returns the cap applied, or None."""
+    unless the user set a thread variable. Returns the cap applied, or None.
+
+    A library bundled with SciPy is left out: the optimizers run SciPy's own BLAS on one thread
+    (:mod:`dptrain.optim`), whatever the cap.
+    """
     if user_set_threads(os.environ):
         return None
     n = threads_per_rank(ranks_per_node)
-    import scipy.linalg.blas  # noqa: F401 - load every BLAS dptrain uses (SGD's), so the limit reaches it too
-    from threadpoolctl import threadpool_limits
+    import scipy.linalg.blas  # noqa: F401 - load every BLAS dptrain uses, so the limit reaches one SciPy shares
+    from threadpoolctl import ThreadpoolController
 
-    threadpool_limits(limits=n)
+    for lib in ThreadpoolController().lib_controllers:
+        if bundled_with(lib.filepath) != "scipy":
+            lib.set_num_threads(n)
     return n

@@ -22,10 +22,18 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .bench import _cpu_model, blas_info
-from .launcher import THREAD_VARIABLES, available_cores, thread_choice, user_set_threads
+from .launcher import (
+    available_cores,
+    bundled_with,
+    describe_threads,
+    single_thread_scipys_own_blas,
+    threads_per_rank,
+    user_set_threads,
+)
 
 HOSTNAME_BYTES = 256  # a host name is at most 255 bytes (POSIX HOST_NAME_MAX is 64 on Linux)
+#: What :func:`blas_info` reports of each BLAS (threadpoolctl's keys).
+BLAS_KEYS = ("internal_api", "version", "architecture", "threading_layer", "num_threads", "prefix")
 
 
 def package_version(name: str) -> str | None:
@@ -36,27 +44,59 @@ def package_version(name: str) -> str | None:
         return None
 
 
-def _bundled_with(filepath: str) -> str | None:
-    """"numpy" or "scipy" for a BLAS a pip wheel bundles (numpy.libs/, scipy/.dylibs/ ...), else None."""
-    parts = filepath.replace("\\", "/").split("/")
-    for package in ("numpy", "scipy"):
-        if f"{package}.libs" in parts or (package in parts and ".dylibs" in parts):
-            return package
-    return None
+def thread_pools() -> list[dict[str, Any]]:
+    """threadpoolctl's snapshot of the BLAS and OpenMP libraries loaded in this process."""
+    from threadpoolctl import threadpool_info
+
+    return threadpool_info()
+
+
+def blas_info(pools: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The BLAS libraries of ``pools`` (default: a new :func:`thread_pools` snapshot): library,
+    version, kernel, threads."""
+    pools = thread_pools() if pools is None else pools
+    return [{k: lib.get(k) for k in BLAS_KEYS} for lib in pools if lib.get("user_api") == "blas"]
+
+
+def openmp_threads(pools: list[dict[str, Any]] | None = None) -> int | None:
+    """The largest thread count of the OpenMP runtimes in ``pools``, or None if none is loaded."""
+    pools = thread_pools() if pools is None else pools
+    counts = [lib["num_threads"] for lib in pools if lib.get("user_api") == "openmp"]
+    return max(counts) if counts else None
 
 
 def blas_libraries() -> list[dict[str, Any]]:
-    """:func:`dptrain.bench.blas_info` of every BLAS dptrain uses (NumPy's, and SciPy's for the
-    optimizers' in-place updates, loaded here if it is not yet), each with its file's name and
-    ``bundled_with`` (numpy, scipy or None: a shared library); a SciPy-only one comes last."""
+    """:func:`blas_info` of every BLAS dptrain uses (NumPy's, and SciPy's for the optimizers'
+    in-place updates, loaded here if it is not yet, on the one thread the optimizers give a BLAS
+    SciPy bundles for itself), each with its file's name and ``bundled_with`` (numpy, scipy or None:
+    a shared library); a SciPy-only one comes last."""
     import scipy.linalg.blas  # noqa: F401 - load SciPy's BLAS too, as a training run does
-    from threadpoolctl import threadpool_info
 
-    # blas_info() reads threadpool_info() too: the same libraries, in the same order.
-    paths = [lib.get("filepath") or "" for lib in threadpool_info() if lib.get("user_api") == "blas"]
-    libs = [dict(lib, filename=os.path.basename(path), bundled_with=_bundled_with(path))
-            for lib, path in zip(blas_info(), paths)]
+    single_thread_scipys_own_blas()  # as the optimizers do
+    libs = []
+    for lib in thread_pools():
+        if lib.get("user_api") == "blas":
+            path = lib.get("filepath") or ""
+            libs.append({**{k: lib.get(k) for k in BLAS_KEYS}, "filename": os.path.basename(path),
+                         "bundled_with": bundled_with(path)})
     return sorted(libs, key=lambda lib: lib["bundled_with"] == "scipy")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what :mod:`platform` says."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU's model, the cores this process may use, and the machine's logical CPUs."""
+    return {"model": cpu_model(), "cores": available_cores(), "logical_cpus": os.cpu_count()}
 
 
 def gather_hostnames(comm) -> list[str]:
@@ -69,16 +109,14 @@ def gather_hostnames(comm) -> list[str]:
 
 
 def threads(comm, blas: list[dict[str, Any]]) -> tuple[int | None, str]:
-    """BLAS/OpenMP threads per rank, and what set them: the user's variables, dptrain's choice
-    under MPI (:func:`dptrain.launcher.thread_choice`), or the library's default. The count read
-    from a library is that of the first of ``blas`` (NumPy's, which does the matrix products)."""
-    actual = blas[0]["num_threads"] if blas else None
-    if user_set_threads(os.environ):
-        return actual, "set by " + ", ".join(f"{v}={os.environ[v]}" for v in THREAD_VARIABLES if os.environ.get(v))
-    if comm.is_mpi:
-        n, how = thread_choice(comm.local_size)
-        return n, f"dptrain: {how}"
-    return actual, "the BLAS's default: dptrain sets none for a single process"
+    """BLAS/OpenMP threads per rank, and what set them (:func:`dptrain.launcher.describe_threads`):
+    the user's variables, dptrain's cap under MPI (``comm.thread_limit``), or the library's default.
+    Without a cap, the count is read from the first of ``blas`` (NumPy's, which does the matrix
+    products)."""
+    how = describe_threads(comm.local_size if comm.is_mpi else None)
+    if comm.is_mpi and not user_set_threads(os.environ):
+        return comm.thread_limit or threads_per_rank(comm.local_size), how
+    return (blas[0]["num_threads"] if blas else None), how
 
 
 def collect(comm) -> dict[str, Any]:
@@ -104,7 +142,7 @@ def collect(comm) -> dict[str, Any]:
         "blas": blas,
         "threads_per_rank": n_threads,
         "threads_set_by": threads_set_by,
-        "cpu": {"model": _cpu_model(), "cores": available_cores(), "logical_cpus": os.cpu_count()},
+        "cpu": cpu_info(),
         "hostname": hosts[0],
     }
 

@@ -92,8 +92,11 @@ out=${DPTRAIN_OUT:-runs/pbs-${PBS_JOBID:-$$}}
 launcher=${DPTRAIN_MPIRUN:-mpiexec}
 hostfile_flag=${DPTRAIN_HOSTFILE_FLAG--hostfile}
 
-# The threads of a chunk (ncpus / mpiprocs) are not reliably known here: keep what PBS or the
-# user set, else one thread per rank.
+# This script sets the threads per rank, not dptrain: OMP_NUM_THREADS as PBS (PBS Pro sets it, to the
+# chunk's ompthreads if you give one) or you set it, else 1, exported for the BLAS libraries too. With
+# one of these set, dptrain leaves a rank's threads alone (`dptrain info` in the job says "set by
+# OMP_NUM_THREADS=..."); its own choice, NCPUS / ranks per node, applies only where none is set (e.g.
+# a bare `mpirun dptrain` in an interactive job). T threads per rank: select=...:mpiprocs=R:ompthreads=T.
 threads=${OMP_NUM_THREADS:-1}
 export OMP_NUM_THREADS="$threads"
 export OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-$threads}"

@@ -187,10 +187,18 @@ def test_ranks_list_runs_one_mpiexec_per_world_size():
     for run in report["runs"]:
         check_run(run, ranks=run["ranks"], global_batch=16 * run["ranks"])
         assert not run["mpi"].startswith("none")  # also 1 rank runs under mpiexec, like the others
-        assert run["threads_set_by"].startswith("environment (OMP_NUM_THREADS=1")
+        assert run["threads_set_by"].startswith("set by OMP_NUM_THREADS=1")
     assert report["runs"][0]["efficiency"] == 1.0
     table = format_table(report).splitlines()
     assert len(table) == 5 and table[3].split()[0] == "1" and table[4].split()[0] == "2"
+
+
+@needs_mpiexec
+def test_ranks_list_is_refused_under_mpirun_in_one_line():
+    result = dptrain("bench", "-n", "1,2", *TINY, ranks=2)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == ("error: -n starts its own mpiexec runs; under mpirun, run `dptrain bench` without -n "
+                             "(it benchmarks the job's world size)\n")
 
 
 @needs_mpiexec

@@ -139,16 +139,14 @@ THREADS_SCRIPT = textwrap.dedent("""
     import numpy as np
     from threadpoolctl import threadpool_info
     from dptrain.comm import make_comm
-    from dptrain.launcher import limit_threads_in_process
     from dptrain.optim import SGD
 
-    comm = make_comm()
-    limit_threads_in_process(comm.local_size)
+    comm = make_comm()  # caps the threads, and keeps the cap as comm.thread_limit
     SGD(np.zeros(3), np.zeros(3), lr=0.1, momentum=0.9)  # SciPy's BLAS, if it bundles its own: 1 thread
     scipys_own = lambda info: "/scipy.libs/" in info["filepath"] or "/scipy/.dylibs/" in info["filepath"]
     numpy_blas = [i["num_threads"] for i in threadpool_info() if not scipys_own(i)]
     others = [i["num_threads"] for i in threadpool_info() if scipys_own(i)]
-    line = " ".join(map(str, [comm.rank, *sorted(set(numpy_blas)), "|", *sorted(set(others))]))
+    line = " ".join(map(str, [comm.rank, comm.thread_limit, *sorted(set(numpy_blas)), "|", *sorted(set(others))]))
     with open(f"{sys.argv[1]}/rank{comm.rank}.txt", "w") as fh:  # not stdout: the ranks' lines can interleave
         fh.write(line)
 """)
@@ -167,4 +165,4 @@ def test_bare_mpirun_caps_the_threads_of_every_blas(tmp_path):
     assert result.returncode == 0, result.stderr
     expected = threads_per_rank(2, environ={})
     lines = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
-    assert lines == [f"0 {expected} | 1", f"1 {expected} | 1"]
+    assert lines == [f"0 {expected} {expected} | 1", f"1 {expected} {expected} | 1"]

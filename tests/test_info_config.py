@@ -50,6 +50,19 @@ def test_info_json():
     assert report["blas"] and keys <= set(report["blas"][0])
     assert report["threads_set_by"].startswith("the BLAS's default")
     assert report["cpu"]["cores"] >= 1
+    # a BLAS SciPy bundles for itself: on the one thread the optimizers give it, as in training
+    assert all(b["num_threads"] == 1 for b in report["blas"] if b["bundled_with"] == "scipy")
+    assert report["blas"][0]["bundled_with"] != "scipy"  # NumPy's first: the count above is read from it
+
+
+def test_every_command_honours_dptrain_comm():
+    for args in (["info"], ["config", "show"], ["config", "validate"], ["model", "summary"]):
+        result = invoke(*args, env={"DPTRAIN_COMM": "bogus"})
+        assert result.exit_code == 2, args
+        assert result.stderr == "error: DPTRAIN_COMM=bogus: unknown communicator: expected auto, mpi or single\n"
+    for args in (["info"], ["config", "show"], ["config", "validate"]):  # an explicit --comm wins
+        result = invoke(*args, "--comm", "single", env={"DPTRAIN_COMM": "bogus"})
+        assert result.exit_code == 0, (args, result.output)
 
 
 def test_info_says_when_mpi4py_is_missing(monkeypatch):
@@ -134,6 +147,9 @@ def test_config_validate_summary():
     assert result.output == ("config OK: data digits: 1438 training / 359 validation samples; MLP 64-128-10 relu, "
                              "9,610 parameters; cross_entropy, sgd lr 0.05, 30 epochs of 23 steps (global batch 64, "
                              "4 ranks), float32\n")
+    result = invoke("config", "validate", "--config", str(REPO / "configs" / "digits_cnn.toml"))
+    assert result.exit_code == 0, result.output
+    assert " samples; 12 layers from 1x8x8 to 10 outputs, " in result.output  # not an MLP: no bare layer chain
 
 
 @pytest.mark.parametrize("args, message", [

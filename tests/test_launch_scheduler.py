@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from dptrain.cli import main
 from dptrain.errors import UserError
 from dptrain.jobscript import BatchJob, find_template, parse_job_id, parse_time, render
-from helpers import REPO
+from helpers import REPO, dptrain, needs_mpiexec
 
 CONFIG = str(REPO / "configs" / "digits_mlp.toml")
 SLURM_ARGS = ["--scheduler", "slurm", "--nodes", "2", "--ranks-per-node", "4", "--time", "01:00:00"]
@@ -334,3 +334,11 @@ def test_plain_launch_is_unchanged():
         main, ["launch", "-n", "2", "--mpirun", sys.executable, "--dry-run", "--set", "train.epochs=1"])
     assert result.exit_code == 0, result.output
     assert f"-n 2 {sys.executable} -m dptrain train --set train.epochs=1" in result.output
+
+
+@needs_mpiexec
+def test_a_batch_job_is_refused_under_mpirun_in_one_line(tmp_path):
+    result = dptrain("launch", *SLURM_ARGS, "--script-out", str(tmp_path / "job.sh"), ranks=2, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "error: launch: run it outside mpirun/mpiexec/srun: it starts or submits the ranks itself\n"
+    assert not list(tmp_path.iterdir())
