@@ -19,13 +19,17 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+import numpy as np
+
 from .errors import UserError
+from .nn import ACTIVATIONS, LOSSES
+from .optim import OPTIMIZERS, hyperparameter_names
+from .schedules import SCHEDULES, scaled_lr
 
 DATASETS = ("digits", "synthetic", "npz", "csv", "diabetes")
-ACTIVATION_NAMES = ("relu", "tanh", "sigmoid", "leaky_relu", "gelu")
-LOSS_NAMES = ("cross_entropy", "mse", "bce_with_logits")
-OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "rmsprop")
-SCHEDULES = ("constant", "step", "cosine")
+ACTIVATION_NAMES = tuple(ACTIVATIONS)  # the choices of model.activation, train.loss and optim.name
+LOSS_NAMES = tuple(LOSSES)
+OPTIMIZER_NAMES = tuple(OPTIMIZERS)
 MONITORED_METRICS = ("val_loss", "val_accuracy", "val_rmse")
 DTYPES = ("float32", "float64")
 COMPRESSIONS = ("none", "fp16")
@@ -321,20 +325,9 @@ def validate(config: Config, where: str = "config") -> None:
     if t.check_sync_every < 0:
         fail("train.check_sync_every", f"must be >= 0, got {t.check_sync_every}")
     choose("optim.name", o.name, OPTIMIZER_NAMES)
-    if not (o.lr > 0 and math.isfinite(o.lr)):
-        fail("optim.lr", f"must be > 0, got {o.lr}")
-    if not 0 <= o.momentum < 1:
-        fail("optim.momentum", f"must be in [0, 1), got {o.momentum}")
     if o.nesterov and (o.momentum == 0 or o.name != "sgd"):
         fail("optim.nesterov", "needs optim.name = \"sgd\" and optim.momentum > 0")
-    if not (o.weight_decay >= 0 and math.isfinite(o.weight_decay)):
-        fail("optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
-        fail("optim.betas", f"must be two numbers in [0, 1), got {list(o.betas)}")
-    if not (0 < o.eps < 1):
-        fail("optim.eps", f"must be in (0, 1), got {o.eps}")
-    if not 0 <= o.alpha < 1:
-        fail("optim.alpha", f"must be in [0, 1), got {o.alpha}")
+    _validate_optimizer_keys(o, where)
     choose("optim.schedule", o.schedule, SCHEDULES)
     if not (0 <= o.warmup_epochs < t.epochs):
         fail("optim.warmup_epochs", f"must be in [0, train.epochs = {t.epochs}), got {o.warmup_epochs}")
@@ -342,10 +335,13 @@ def validate(config: Config, where: str = "config") -> None:
         fail("optim.step_epochs", f"must be >= 1, got {o.step_epochs}")
     if not 0 < o.gamma <= 1:
         fail("optim.gamma", f"must be in (0, 1], got {o.gamma}")
-    if not 0 <= o.min_lr < o.lr:
-        fail("optim.min_lr", f"must be in [0, optim.lr), got {o.min_lr}")
     if o.lr_reference_batch < 0:
         fail("optim.lr_reference_batch", f"must be >= 0 (0 = off), got {o.lr_reference_batch}")
+    # the schedule decays to min_lr from the lr after the linear scaling rule (see build.build_schedule)
+    base_lr = scaled_lr(o.lr, t.batch_size, o.lr_reference_batch)
+    if not 0 <= o.min_lr < base_lr:
+        scaled = "" if base_lr == o.lr else f" x train.batch_size / optim.lr_reference_batch = {base_lr:g}"
+        fail("optim.min_lr", f"must be in [0, optim.lr{scaled}), got {o.min_lr}")
     if not (o.clip_norm >= 0 and math.isfinite(o.clip_norm)):
         fail("optim.clip_norm", f"must be >= 0 (0 = off), got {o.clip_norm}")
     e = config.early_stopping
@@ -374,6 +370,28 @@ def validate(config: Config, where: str = "config") -> None:
         fail("log.every_steps", f"must be >= 0 (0 = per epoch only), got {config.log.every_steps}")
 
 
+def _validate_optimizer_keys(o: OptimConfig, where: str) -> None:
+    """The optimizers' own checks of their hyperparameters, with errors that name the key.
+
+    Every optimizer is built over empty buffers from the config's values, so each key is checked
+    whichever optimizer is chosen (``optim.eps`` also with sgd). Their ValueError messages begin
+    with the argument's name, which is the key's name in [optim].
+    """
+    empty = np.empty(0)
+    for name, cls in OPTIMIZERS.items():
+        kwargs = {k: getattr(o, k) for k in hyperparameter_names(name)}
+        if "betas" in kwargs:
+            kwargs["betas"] = list(kwargs["betas"])  # as TOML wrote it, in the message
+        try:
+            cls(empty, empty, **kwargs)
+        except ValueError as exc:
+            message = str(exc)
+            key = message.split(" ", 1)[0]
+            if key not in kwargs:  # pragma: no cover - every message names its argument first
+                raise UserError(f"{where}: optim (checked as for optim.name = {name!r}): {message}") from None
+            raise UserError(f"{where}: optim.{message}") from None
+
+
 def _validate_layers(tables: tuple[dict, ...], config: Config, where: str) -> None:
     """Each of model.layers must make a layer; BatchNorm needs whole global batches."""
     from .layer_specs import make_layer
@@ -383,7 +401,7 @@ def _validate_layers(tables: tuple[dict, ...], config: Config, where: str) -> No
             layer = make_layer(table, i, config.seed)
         except UserError as exc:
             raise UserError(f"{where}: {exc}") from None
-        if getattr(layer, "syncs_batch_statistics", False) and config.train.accumulate > 1:
+        if layer.syncs_batch_statistics and config.train.accumulate > 1:
             raise UserError(f"{where}: train.accumulate = {config.train.accumulate} cannot be used with "
                             f"model.layers[{i}] ({table['type']}): its statistics need the whole global batch")
 

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from .errors import UserError
 from .nn import layers as L
+from .nn.conv import as_pair
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,14 @@ class Key:
     arg: str | None = None  # the constructor's name for it, if not the same
 
 
+#: the keys of the activations (of ``dptrain.nn.ACTIVATIONS``) that take arguments
+_ACTIVATION_KEYS = {"leaky_relu": {"negative_slope": Key("float")}}
+
+
 def _types() -> dict[str, tuple[Callable[..., L.Layer], dict[str, Key]]]:
     from .nn import conv, dropout, norm
 
-    init = Key(("he", "xavier"))
+    init = Key(L.INITS)
     pool = {"pool": Key("size", required=True), "stride": Key("size")}
     return {
         "dense": (L.Dense, {"units": Key("int", True, arg="out_features"), "init": init, "bias": Key("bool")}),
@@ -51,11 +56,7 @@ def _types() -> dict[str, tuple[Callable[..., L.Layer], dict[str, Key]]]:
         "batchnorm": (norm.BatchNorm, {"momentum": Key("float"), "eps": Key("float")}),
         "layernorm": (norm.LayerNorm, {"eps": Key("float")}),
         "dropout": (dropout.Dropout, {"rate": Key("float", True)}),
-        "relu": (L.ReLU, {}),
-        "tanh": (L.Tanh, {}),
-        "sigmoid": (L.Sigmoid, {}),
-        "gelu": (L.GELU, {}),
-        "leaky_relu": (L.LeakyReLU, {"negative_slope": Key("float")}),
+        **{name: (cls, _ACTIVATION_KEYS.get(name, {})) for name, cls in L.ACTIVATIONS.items()},
     }
 
 
@@ -78,12 +79,11 @@ def _value(kind: Any, value: Any, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         value = float(value)
-    elif kind == "size":
-        pair = isinstance(value, (list, tuple)) and len(value) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value)
-        if not (is_int or pair):
-            raise bad("an integer or a pair of integers")
-        value = tuple(value) if pair else value
+    elif kind == "size":  # the layer checks the range
+        try:
+            as_pair(value, key)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     elif value not in kind:
         raise bad("one of " + ", ".join(repr(k) for k in kind))
     return value

@@ -18,12 +18,15 @@ are not offered):
   (``np.empty``/``np.zeros`` memory is committed on first touch, so an optimizer that never steps,
   as the full one in sharded mode, costs no resident memory).
 * Adam, AdamW and RMSprop use NumPy ufuncs only, which round each element the same way wherever a
-  slice starts: stepping slices gives bitwise the weights of stepping the whole. SGD's BLAS axpy
-  (one pass instead of two) may differ in the last bit near a slice's end (FMA kernel vs. tail loop).
+  slice starts: stepping slices gives bitwise the weights of stepping the whole. They run their
+  ufuncs over cache-sized blocks with scratch arrays of one block (see ``_BlockwiseOptimizer``).
+  SGD's BLAS axpy (one pass instead of two) may differ in the last bit near a slice's end (FMA
+  kernel vs. tail loop).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 
@@ -34,23 +37,29 @@ class _FlatOptimizer:
     """The common part: the buffers, ``lr``, ``steps``, the checkpointable state and slicing.
 
     params, grads : the flat buffers, 1-d of the same shape; ``params`` is updated in place,
-    ``grads`` only read. Subclasses set ``name``, ``_state_names`` and :meth:`hyperparameters`.
+    ``grads`` only read. Subclasses set ``name`` and ``_state_names``, and store every argument of
+    their ``__init__`` (besides the buffers) under its own name: :meth:`hyperparameters` reads them.
+    The checks shared by the optimizers (``lr``, ``weight_decay``, ``momentum``) are made here.
     """
 
     name = ""
     _state_names: tuple[str, ...] = ()
 
-    def __init__(self, params: np.ndarray, grads: np.ndarray, lr: float) -> None:
+    def __init__(self, params: np.ndarray, grads: np.ndarray, lr: float, weight_decay: float = 0.0,
+                 momentum: float = 0.0) -> None:
         if params.ndim != 1 or grads.shape != params.shape:
             raise ValueError(f"params and grads must be 1-d of the same shape, got {params.shape} and {grads.shape}")
         _require(math.isfinite(lr) and lr > 0, f"lr must be > 0, got {lr}")
+        _require(math.isfinite(weight_decay) and weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
+        _require(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
         self.params, self.grads = params, grads
         self.lr = float(lr)
+        self.weight_decay, self.momentum = float(weight_decay), float(momentum)
         self.steps = 0
 
     def hyperparameters(self) -> dict:
         """The keyword arguments that rebuild this optimizer (``lr`` is the current one)."""
-        raise NotImplementedError
+        return {name: getattr(self, name) for name in _hyperparameter_names(type(self))}
 
     def step(self, grad_scale: float = 1.0) -> None:
         raise NotImplementedError
@@ -87,14 +96,40 @@ class _FlatOptimizer:
         for name in self._state_names:
             getattr(self, name)[...] = state[name]
 
-    def _gradient(self, grad_scale: float, weight_decay: float) -> np.ndarray:
-        """``grad_scale * grads + weight_decay * params``: ``grads`` itself when that is all it is,
-        else written into the scratch array ``self._grad`` (using ``self._scratch`` on the way)."""
+
+class _BlockwiseOptimizer(_FlatOptimizer):
+    """An optimizer whose update is a sequence of elementwise ufuncs (Adam, AdamW, RMSprop).
+
+    The sequence runs over blocks of ``BLOCK`` elements, one block after the other, with scratch
+    arrays of one block: each block's data stays in cache through the whole sequence instead of
+    being streamed from memory once per ufunc. Elementwise ufuncs round each element the same way
+    whatever the blocking, so the result is bitwise that of running each ufunc over the whole buffer.
+    """
+
+    #: elements per block: with its scratch arrays, a block of float64 fits in a core's L2 cache
+    BLOCK = 65536
+
+    def __init__(self, params: np.ndarray, grads: np.ndarray, lr: float, weight_decay: float = 0.0,
+                 momentum: float = 0.0) -> None:
+        super().__init__(params, grads, lr, weight_decay=weight_decay, momentum=momentum)
+        size = min(len(params), self.BLOCK)
+        self._grad = np.empty(size, dtype=params.dtype)  # the gradient of a block, when it is not grads itself
+        self._scratch = np.empty(size, dtype=params.dtype)
+
+    def _blocks(self):
+        """(lo, hi) of each block, in order; none for empty buffers."""
+        n = len(self.params)
+        return ((lo, min(lo + self.BLOCK, n)) for lo in range(0, n, self.BLOCK))
+
+    def _gradient(self, lo: int, hi: int, grad_scale: float, weight_decay: float) -> np.ndarray:
+        """``grad_scale * grads + weight_decay * params`` on the block [lo, hi): a slice of ``grads``
+        itself when that is all it is, else written into the scratch ``self._grad``."""
+        grads = self.grads[lo:hi]
         if grad_scale == 1.0 and not weight_decay:
-            return self.grads
-        g = np.multiply(self.grads, grad_scale, out=self._grad)
+            return grads
+        g = np.multiply(grads, grad_scale, out=self._grad[:hi - lo])
         if weight_decay:
-            np.add(g, np.multiply(self.params, weight_decay, out=self._scratch), out=g)
+            np.add(g, np.multiply(self.params[lo:hi], weight_decay, out=self._scratch[:hi - lo]), out=g)
         return g
 
 
@@ -117,19 +152,13 @@ class SGD(_FlatOptimizer):
 
     def __init__(self, params: np.ndarray, grads: np.ndarray, lr: float = 0.01, momentum: float = 0.0,
                  nesterov: bool = False, weight_decay: float = 0.0) -> None:
-        super().__init__(params, grads, lr)
-        _require(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
-        _require(math.isfinite(weight_decay) and weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
+        super().__init__(params, grads, lr, weight_decay=weight_decay, momentum=momentum)
         _require(not (nesterov and momentum == 0), "nesterov needs momentum > 0")
-        self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.nesterov = bool(nesterov)
         self.momentum_buffer = np.zeros_like(params)
-        self._decayed = np.empty_like(params) if self.weight_decay else None
+        self._decayed = np.empty_like(params) if self.weight_decay else None  # the gradient with weight decay
         self._direction = np.empty_like(params) if self.nesterov else None
         self._blas = _in_place_blas(params)
-
-    def hyperparameters(self) -> dict:
-        return dict(lr=self.lr, momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay)
 
     def step(self, grad_scale: float = 1.0) -> None:
         """Update ``params`` in place with the gradient ``grad_scale * grads``.
@@ -158,7 +187,7 @@ class SGD(_FlatOptimizer):
         self.steps += 1
 
 
-class Adam(_FlatOptimizer):
+class Adam(_BlockwiseOptimizer):
     """Adam (Kingma & Ba, 2015) with L2 weight decay added to the gradient: ``torch.optim.Adam``.
 
     With ``grad = grad_scale * grads`` and ``t = steps + 1`` (1 at the first step)::
@@ -169,7 +198,7 @@ class Adam(_FlatOptimizer):
         p -= lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
 
     params, grads : the flat buffers, shape (n_params,); params updated in place.
-    State: ``exp_avg``, ``exp_avg_sq``; plus two scratch arrays of the same size.
+    State: ``exp_avg``, ``exp_avg_sq``; plus two scratch arrays of one block (``BLOCK`` elements).
     """
 
     name = "adam"
@@ -178,36 +207,33 @@ class Adam(_FlatOptimizer):
 
     def __init__(self, params: np.ndarray, grads: np.ndarray, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0) -> None:
-        super().__init__(params, grads, lr)
+        super().__init__(params, grads, lr, weight_decay=weight_decay)
         self.betas = _betas(betas)
         self.eps = _eps(eps)
-        _require(math.isfinite(weight_decay) and weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
-        self.weight_decay = float(weight_decay)
         self.exp_avg = np.zeros_like(params)
         self.exp_avg_sq = np.zeros_like(params)
-        self._grad = np.empty_like(params)
-        self._scratch = np.empty_like(params)
-
-    def hyperparameters(self) -> dict:
-        return dict(lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
 
     def step(self, grad_scale: float = 1.0) -> None:
         """Update ``params`` in place with the gradient ``grad_scale * grads`` (in the order of torch's
-        single-tensor implementation)."""
+        single-tensor implementation), one block at a time."""
         beta1, beta2 = self.betas
-        p, m, v, tmp = self.params, self.exp_avg, self.exp_avg_sq, self._scratch
         t = self.steps + 1
-        if self._decoupled and self.weight_decay:
-            np.multiply(p, 1.0 - self.lr * self.weight_decay, out=p)
-        g = self._gradient(grad_scale, 0.0 if self._decoupled else self.weight_decay)
-        np.add(m, np.multiply(np.subtract(g, m, out=tmp), 1.0 - beta1, out=tmp), out=m)  # torch's lerp
-        np.multiply(v, beta2, out=v)
-        np.add(v, np.multiply(np.multiply(g, g, out=tmp), 1.0 - beta2, out=tmp), out=v)
         bias_correction1 = 1.0 - beta1**t
         bias_correction2_sqrt = (1.0 - beta2**t) ** 0.5
-        denom = np.add(np.divide(np.sqrt(v, out=tmp), bias_correction2_sqrt, out=tmp), self.eps, out=tmp)
-        update = np.divide(m, denom, out=tmp)
-        np.subtract(p, np.multiply(update, self.lr / bias_correction1, out=tmp), out=p)
+        step_size = self.lr / bias_correction1
+        shrink = 1.0 - self.lr * self.weight_decay if self._decoupled and self.weight_decay else None
+        l2 = 0.0 if self._decoupled else self.weight_decay
+        for lo, hi in self._blocks():
+            p, m, v, tmp = self.params[lo:hi], self.exp_avg[lo:hi], self.exp_avg_sq[lo:hi], self._scratch[:hi - lo]
+            if shrink is not None:
+                np.multiply(p, shrink, out=p)
+            g = self._gradient(lo, hi, grad_scale, l2)
+            np.add(m, np.multiply(np.subtract(g, m, out=tmp), 1.0 - beta1, out=tmp), out=m)  # torch's lerp
+            np.multiply(v, beta2, out=v)
+            np.add(v, np.multiply(np.multiply(g, g, out=tmp), 1.0 - beta2, out=tmp), out=v)
+            denom = np.add(np.divide(np.sqrt(v, out=tmp), bias_correction2_sqrt, out=tmp), self.eps, out=tmp)
+            update = np.divide(m, denom, out=tmp)
+            np.subtract(p, np.multiply(update, step_size, out=tmp), out=p)
         self.steps = t
 
 
@@ -229,7 +255,7 @@ class AdamW(Adam):
         super().__init__(params, grads, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
-class RMSprop(_FlatOptimizer):
+class RMSprop(_BlockwiseOptimizer):
     """RMSprop (Hinton, 2012) as ``torch.optim.RMSprop`` with ``centered=False``.
 
     With ``grad = grad_scale * grads``::
@@ -242,39 +268,34 @@ class RMSprop(_FlatOptimizer):
 
     params, grads : the flat buffers, shape (n_params,); params updated in place.
     State: ``square_avg``, and ``momentum_buffer`` only when momentum > 0 (as torch); plus two
-    scratch arrays of the same size.
+    scratch arrays of one block (``BLOCK`` elements).
     """
 
     name = "rmsprop"
 
     def __init__(self, params: np.ndarray, grads: np.ndarray, lr: float = 0.01, alpha: float = 0.99,
                  eps: float = 1e-8, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
-        super().__init__(params, grads, lr)
+        super().__init__(params, grads, lr, weight_decay=weight_decay, momentum=momentum)
         _require(0 <= alpha < 1, f"alpha must be in [0, 1), got {alpha}")
         self.eps = _eps(eps)
-        _require(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
-        _require(math.isfinite(weight_decay) and weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
-        self.alpha, self.momentum, self.weight_decay = float(alpha), float(momentum), float(weight_decay)
+        self.alpha = float(alpha)
         self._state_names = ("square_avg", "momentum_buffer") if self.momentum else ("square_avg",)
         self.square_avg = np.zeros_like(params)
         self.momentum_buffer = np.zeros_like(params) if self.momentum else None
-        self._grad = np.empty_like(params)
-        self._scratch = np.empty_like(params)
-
-    def hyperparameters(self) -> dict:
-        return dict(lr=self.lr, alpha=self.alpha, eps=self.eps, momentum=self.momentum, weight_decay=self.weight_decay)
 
     def step(self, grad_scale: float = 1.0) -> None:
-        """Update ``params`` in place with the gradient ``grad_scale * grads`` (in torch's order)."""
-        p, s, tmp = self.params, self.square_avg, self._scratch
-        g = self._gradient(grad_scale, self.weight_decay)
-        np.multiply(s, self.alpha, out=s)
-        np.add(s, np.multiply(np.multiply(g, g, out=tmp), 1.0 - self.alpha, out=tmp), out=s)
-        update = np.divide(g, np.add(np.sqrt(s, out=tmp), self.eps, out=tmp), out=tmp)  # g / (sqrt(s) + eps)
-        if self.momentum:
-            buf = self.momentum_buffer
-            update = np.add(np.multiply(buf, self.momentum, out=buf), update, out=buf)
-        np.subtract(p, np.multiply(update, self.lr, out=tmp), out=p)
+        """Update ``params`` in place with the gradient ``grad_scale * grads`` (in torch's order), one
+        block at a time."""
+        for lo, hi in self._blocks():
+            p, s, tmp = self.params[lo:hi], self.square_avg[lo:hi], self._scratch[:hi - lo]
+            g = self._gradient(lo, hi, grad_scale, self.weight_decay)
+            np.multiply(s, self.alpha, out=s)
+            np.add(s, np.multiply(np.multiply(g, g, out=tmp), 1.0 - self.alpha, out=tmp), out=s)
+            update = np.divide(g, np.add(np.sqrt(s, out=tmp), self.eps, out=tmp), out=tmp)  # g / (sqrt(s) + eps)
+            if self.momentum:
+                buf = self.momentum_buffer[lo:hi]
+                update = np.add(np.multiply(buf, self.momentum, out=buf), update, out=buf)
+            np.subtract(p, np.multiply(update, self.lr, out=tmp), out=p)
         self.steps += 1
 
 
@@ -293,16 +314,18 @@ def _betas(betas) -> tuple[float, float]:
 
 
 def _eps(eps: float) -> float:
-    _require(math.isfinite(eps) and eps > 0, f"eps must be > 0, got {eps}")
+    _require(0 < eps < 1, f"eps must be in (0, 1), got {eps}")
     return float(eps)
 
 
+@functools.cache
 def _single_thread_private_blas() -> None:
     """One thread for a BLAS that SciPy bundles for itself (pip wheels), not the one NumPy uses.
 
     Two OpenBLAS thread pools in one process spin against each other: measured here with 2 threads,
     a training step took 41 ms instead of 11. axpy and scal are bound by memory bandwidth, so one
     thread loses nothing. (Where SciPy shares NumPy's BLAS, as with conda, nothing is changed.)
+    Done once per process (cached): building a ThreadpoolController scans the loaded libraries.
     """
     from threadpoolctl import ThreadpoolController
 
@@ -342,4 +365,10 @@ def hyperparameter_names(name: str) -> set[str]:
     the config fields it knows: ``{"lr", "betas", "eps", "weight_decay"}`` for ``"adam"``."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
-    return set(inspect.signature(OPTIMIZERS[name]).parameters) - {"params", "grads"}
+    return set(_hyperparameter_names(OPTIMIZERS[name]))
+
+
+@functools.cache
+def _hyperparameter_names(cls: type) -> tuple[str, ...]:
+    """The arguments of ``cls.__init__`` besides the buffers, in order."""
+    return tuple(name for name in inspect.signature(cls).parameters if name not in ("params", "grads"))

@@ -163,6 +163,9 @@ CONFIG_CASES = {
                                       names=("data.val_fraction", "0.96")),
     "unknown_on_nan": _sets("train.on_nan=ignore", names=("train.on_nan", "ignore")),
     "check_sync_every_negative": _sets("train.check_sync_every=-1", names=("train.check_sync_every",)),
+    # the cosine schedule's min_lr above the lr after the linear scaling rule (0.1 x 64 / 256)
+    "min_lr_above_scaled_lr": _sets("optim.lr=0.1", "optim.min_lr=0.05", "optim.lr_reference_batch=256",
+                                    "train.batch_size=64", "optim.schedule=cosine", names=("optim.min_lr",)),
     "set_without_equals": _sets("train.epochs", names=("train.epochs",)),
     "resume_missing_checkpoint": lambda tmp: (["--resume", str(tmp / "nowhere")], [str(tmp / "nowhere")]),
     "resume_and_overwrite": lambda tmp: (["--resume", "auto", "--overwrite"], ["--resume", "--overwrite"]),

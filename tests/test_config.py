@@ -9,6 +9,7 @@ import re
 import typing
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -193,6 +194,15 @@ def test_wrong_type(tmp_path, text, key):
         ("[optim]\nmomentum = 1.0\n", "optim.momentum"),
         ("[optim]\nmomentum = -0.1\n", "optim.momentum"),
         ("[optim]\nmomentum = 0.0\nnesterov = true\n", "optim.nesterov"),
+        ("[optim]\neps = 0.0\n", "optim.eps"),
+        ("[optim]\neps = 1.0\n", "optim.eps"),
+        ("[optim]\neps = nan\n", "optim.eps"),
+        ("[optim]\nbetas = [0.9, 1.0]\n", "optim.betas"),
+        ("[optim]\nbetas = [0.9]\n", "optim.betas"),
+        ("[optim]\nalpha = 1.0\n", "optim.alpha"),
+        ('[optim]\nname = "adam"\nmomentum = 1.0\n', "optim.momentum"),  # checked whichever optimizer
+        ("[optim]\nmin_lr = 0.05\n", "optim.min_lr"),  # = optim.lr
+        ("[optim]\nlr = 0.1\nmin_lr = 0.05\nlr_reference_batch = 256\n", "optim.min_lr"),  # scaled lr 0.025
         ("[optim]\nweight_decay = -0.01\n", "optim.weight_decay"),
         ("[optim]\nweight_decay = nan\n", "optim.weight_decay"),
         ("[train]\nbatch_size = 0\n", "train.batch_size"),
@@ -235,6 +245,9 @@ def test_out_of_range(tmp_path, text, key):
         "[checkpoint]\nevery_steps = 0\nevery_epochs = 0\nkeep = 1\n",
         '[data]\nname = "npz"\npath = "x.npz"\n',
         "[train]\nepochs = 1\nbatch_size = 1\n",
+        "[optim]\neps = 0.999\n",
+        # min_lr is compared with the lr after the linear scaling rule: 0.1 x 256 / 64 = 0.4
+        '[train]\nbatch_size = 256\n[optim]\nlr = 0.1\nmin_lr = 0.2\nlr_reference_batch = 64\nschedule = "cosine"\n',
     ],
 )
 def test_boundary_values_are_accepted(tmp_path, text):
@@ -521,3 +534,37 @@ def test_to_toml_round_trips_any_unicode_and_control_characters(tmp_path):
 def test_absurd_numbers_are_user_errors(override):
     with pytest.raises(UserError):
         load_config(None, [override])
+
+
+def test_min_lr_is_checked_against_the_scaled_lr():
+    """The cosine schedule decays from optim.lr x train.batch_size / optim.lr_reference_batch: a
+    min_lr above that is refused by the config, in one line naming the key and the scaled value."""
+    message = user_error(overrides=["optim.lr=0.1", "optim.min_lr=0.05", "optim.lr_reference_batch=256",
+                                    "train.batch_size=64", "optim.schedule=cosine"])
+    assert "optim.min_lr" in message and "0.025" in message and "\n" not in message, message
+
+
+def test_config_and_optimizers_agree_on_eps():
+    """One rule for eps, in (0, 1): the config refuses what the optimizers refuse, and the reverse."""
+    from dptrain.optim import Adam, RMSprop
+
+    for eps in (0.0, -1e-8, 1.0, 2.0, math.inf, math.nan):
+        assert "optim.eps" in user_error(overrides=[f"optim.eps={eps}"])
+        for cls in (Adam, RMSprop):
+            with pytest.raises(ValueError, match="eps"):
+                cls(np.zeros(3), np.zeros(3), eps=eps)
+    for eps in (1e-12, 0.5):
+        assert load_config(None, [f"optim.eps={eps}"]).optim.eps == eps
+
+
+def test_build_schedule_turns_a_bad_schedule_into_a_user_error():
+    """Defence in depth: a config that skipped validate (replace() does not check) still gives a
+    UserError naming the key, not a bare ValueError."""
+    from dptrain.build import build_schedule
+
+    config = replace(load_config(None, ["optim.schedule=cosine"]), optim={"lr": 0.01, "min_lr": 0.05})
+    with pytest.raises(UserError, match="optim.min_lr"):
+        build_schedule(config, steps_per_epoch=10)
+    config = replace(load_config(None, ["optim.schedule=step"]), optim={"gamma": 2.0})
+    with pytest.raises(UserError, match="optim.gamma"):
+        build_schedule(config, steps_per_epoch=10)

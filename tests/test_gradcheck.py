@@ -107,7 +107,8 @@ def test_loss_is_sum_over_samples(loss_cls, make_batch):
     loss = loss_cls()
     z, y = make_batch(rng, n=9)
     total, dz = loss.value_and_grad(z, y)
-    # a returned gradient lives in a workspace reused by the next call of the same shape: copy it
+    # a returned gradient lives in a workspace reused by the next call, whatever its shape: copy it
+    dz = dz.copy()
     rows = [(v, g.copy()) for v, g in (loss.value_and_grad(z[i : i + 1], y[i : i + 1]) for i in range(len(z)))]
     assert total == pytest.approx(sum(v for v, _ in rows), rel=1e-12)
     # the gradient of a sum is the per-row gradients stacked

@@ -419,3 +419,50 @@ def test_buffers_must_match():
         Adam(np.zeros(3), np.zeros(4))
     with pytest.raises(ValueError, match="1-d"):
         RMSprop(np.zeros((2, 3)), np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("cls", [Adam, AdamW, RMSprop])
+@pytest.mark.parametrize("eps", [1.0, 1.5, float("inf"), float("nan")])
+def test_eps_must_be_below_one(cls, eps):
+    """The same rule as the config's optim.eps: in (0, 1)."""
+    with pytest.raises(ValueError, match="eps"):
+        cls(np.zeros(3), np.zeros(3), eps=eps)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop"])
+def test_hyperparameters_are_the_constructor_arguments(name):
+    """hyperparameters() holds exactly the keyword arguments that rebuild the optimizer."""
+    from dptrain.optim import OPTIMIZERS, hyperparameter_names
+
+    cls, kwargs = {"sgd": ALL["sgd"], "adam": ALL["adam"], "adamw": ALL["adamw"], "rmsprop": ALL["rmsprop"]}[name]
+    opt = cls(np.zeros(3), np.zeros(3), **kwargs)
+    hyper = opt.hyperparameters()
+    assert set(hyper) == hyperparameter_names(name)
+    assert OPTIMIZERS[name](np.zeros(3), np.zeros(3), **hyper).hyperparameters() == hyper
+    for key, value in kwargs.items():
+        assert hyper[key] == value
+
+
+@pytest.mark.parametrize("cls, kwargs", [ALL["adam"], ALL["adamw"], ALL["rmsprop"], ALL["rmsprop_plain"]],
+                         ids=["adam", "adamw", "rmsprop", "rmsprop_plain"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_blocks_give_bitwise_the_whole_buffer_update(cls, kwargs, dtype, monkeypatch):
+    """The update runs over blocks of BLOCK elements: any block size gives bitwise the same
+    parameters and state as one block over the whole buffer (elementwise ufuncs only)."""
+    n = 1000
+    rng = np.random.default_rng(3)
+    p0, grads = rng.standard_normal(n).astype(dtype), [rng.standard_normal(n).astype(dtype) for _ in range(4)]
+    results = []
+    for block in (n, 64, 7, 1):
+        monkeypatch.setattr(cls, "BLOCK", block)
+        p, g = p0.copy(), np.empty_like(p0)
+        opt = cls(p, g, **kwargs)
+        assert len(opt._scratch) == min(n, block)
+        for k, grad in enumerate(grads):
+            g[...] = grad
+            opt.step(0.25 if k % 2 else 1.0)
+        results.append((p, opt.state_dict()))
+    for p, state in results[1:]:
+        np.testing.assert_array_equal(p, results[0][0])
+        for key, value in state.items():
+            np.testing.assert_array_equal(value, results[0][1][key])

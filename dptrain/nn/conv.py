@@ -10,27 +10,31 @@ matrix and the whole batch is one matrix multiply; its backward is two more matr
 and a col2im that adds the column gradients back, one kernel offset at a time. Pooling loops over
 the few offsets of its window, each step vectorized over the batch. As in ``layers.py``, every
 array a forward or backward returns lives in a workspace reused by the next call of the same
-shape, and an empty batch is fine.
+method (whatever its shape), and an empty batch is fine.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .layers import Layer
+from .layers import Layer, check_init, init_weight, positive_int
 
 
-def _pair(value, name: str, minimum: int) -> tuple[int, int]:
-    """An int or a pair of ints -> (along H, along W); ValueError if any is below ``minimum``."""
+def as_pair(value, name: str) -> tuple[int, int]:
+    """An int or a pair of ints -> (along H, along W); ValueError naming ``name`` for anything else."""
     pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
     if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in pair):
         raise ValueError(f"{name} must be an integer or a pair of integers, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _pair(value, name: str, minimum: int) -> tuple[int, int]:
+    """:func:`as_pair`, and ValueError if any is below ``minimum``."""
+    pair = as_pair(value, name)
     if min(pair) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return int(pair[0]), int(pair[1])
+    return pair
 
 
 def _show(pair: tuple[int, int]) -> str:
@@ -75,15 +79,11 @@ class Conv2D(Layer):
 
     def __init__(self, filters: int, kernel, stride=1, padding=0, init: str = "he", bias: bool = True) -> None:
         super().__init__()
-        if isinstance(filters, bool) or not isinstance(filters, (int, np.integer)) or filters < 1:
-            raise ValueError(f"Conv2D needs filters >= 1, got {filters!r}")
-        if init not in ("he", "xavier"):
-            raise ValueError(f"unknown init {init!r}: expected 'he' or 'xavier'")
-        self.filters = int(filters)
+        self.filters = positive_int(filters, "Conv2D: filters")
         self.kernel = _pair(kernel, "kernel", 1)
         self.stride = _pair(stride, "stride", 1)
         self.padding = _pair(padding, "padding", 0)
-        self.init = init
+        self.init = check_init(init)
         self.bias = bool(bias)
         self._x_shape: tuple[int, ...] | None = None
         self._cols: np.ndarray | None = None
@@ -99,9 +99,7 @@ class Conv2D(Layer):
     def init_params(self, rng: np.random.Generator) -> None:
         w = self.params["weight"]
         F, C, kh, kw = w.shape
-        fan_in, fan_out = C * kh * kw, F * kh * kw
-        std = math.sqrt(2.0 / fan_in) if self.init == "he" else math.sqrt(2.0 / (fan_in + fan_out))
-        w[...] = rng.standard_normal(w.shape) * std
+        init_weight(w, C * kh * kw, F * kh * kw, self.init, rng)  # fan_in, fan_out
         if self.bias:
             self.params["bias"][...] = 0.0
 

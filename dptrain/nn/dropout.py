@@ -103,7 +103,7 @@ class Dropout(Layer):
     def keep_mask(self, step: int, sample_index: np.ndarray, sample_shape: tuple[int, ...]) -> np.ndarray:
         """The (batch, *sample_shape) bool mask of kept elements for these samples at this step.
 
-        Returned in a workspace (valid until the next call with the same batch size).
+        Returned in a workspace (valid until the next call, whatever its batch size).
         """
         batch, n = len(sample_index), math.prod(sample_shape)
         s = self.workspace("s", (batch,), np.uint64)

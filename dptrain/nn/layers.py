@@ -20,8 +20,11 @@ binds to the communicator (the identity in a single process); it must call it th
 times on every rank, also for an empty batch.
 
 No allocation in the steady state: outputs and input gradients are written into workspaces
-allocated once per batch shape and reused, so an array returned by ``forward`` or ``backward`` is
-valid until the next call of the same method with the same shape (copy it to keep it).
+(:class:`Workspaces`): one flat buffer per name and dtype, grown to the biggest batch seen and then
+reused for every batch shape. So an array returned by ``forward`` or ``backward`` is valid until the
+next call of the same method, whatever shape that call has (copy it to keep it); and what a forward
+caches for its backward is overwritten by the next forward, so a training forward and its backward
+must not be interleaved with another forward of the same layer (an evaluation, say).
 """
 
 from __future__ import annotations
@@ -47,8 +50,69 @@ class BatchInfo:
     sample_index: np.ndarray
 
 
-class Layer:
+class Workspaces:
+    """Scratch arrays kept between calls, for layers and losses: no allocation in the steady state.
+
+    Each (name, dtype) has one flat buffer, grown (never shrunk) to the biggest size asked for: the
+    memory held is that of the biggest batch seen, not one set of arrays per batch shape.
+    """
+
+    _workspaces: dict[tuple[str, str], np.ndarray]
+
+    def workspace(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """A C-contiguous scratch array of this shape and dtype for ``name``: the front of that name's
+        buffer. Valid until the next request for the same name and dtype, whatever its shape."""
+        dtype = np.dtype(dtype)
+        size = math.prod(shape)
+        pool = self.__dict__.get("_workspaces")
+        if pool is None:  # a subclass whose __init__ does not call ours
+            pool = self._workspaces = {}
+        key = (name, dtype.char)
+        flat = pool.get(key)
+        if flat is None or flat.size < size:
+            pool.pop(key, None)  # let the smaller buffer go before allocating the bigger one
+            flat = pool[key] = np.empty(size, dtype=dtype)
+        return flat[:size].reshape(shape)
+
+    def workspace_nbytes(self) -> int:
+        """The bytes held by this object's workspaces."""
+        return sum(flat.nbytes for flat in self.__dict__.get("_workspaces", {}).values())
+
+
+INITS = ("he", "xavier")
+
+
+def check_init(init: str) -> str:
+    """``init`` if it names a weight initialisation of :func:`init_weight`, else ValueError."""
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}: expected 'he' or 'xavier'")
+    return init
+
+
+def init_weight(w: np.ndarray, fan_in: int, fan_out: int, init: str, rng: np.random.Generator) -> None:
+    """Fill ``w`` in place with normal values: std sqrt(2 / fan_in) for ``"he"`` (He et al., 2015,
+    for ReLU-like activations), sqrt(2 / (fan_in + fan_out)) for ``"xavier"`` (Glorot & Bengio, 2010)."""
+    std = math.sqrt(2.0 / fan_in) if init == "he" else math.sqrt(2.0 / (fan_in + fan_out))
+    w[...] = rng.standard_normal(w.shape) * std
+
+
+def positive_int(value, what: str) -> int:
+    """``value`` as an int if it is an integer >= 1 (not a bool, not a float); else ValueError
+    ``"{what} must be an integer >= 1, got ..."``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+class Layer(Workspaces):
     """Base class. A layer without parameters only overrides ``forward`` and ``backward``."""
+
+    #: the forward pass depends on the whole global batch (synchronized BatchNorm): gradient
+    #: accumulation would change it, and a global batch of one value cannot be normalised
+    syncs_batch_statistics = False
+    #: activations: the initialisation of the layers with weights before them ("he" after ReLU-like
+    #: activations, "xavier" otherwise); None for the other layers
+    preferred_init: str | None = None
 
     #: name -> array; filled by :class:`dptrain.nn.model.Sequential` with views into its flat buffers
     params: dict[str, np.ndarray]
@@ -61,19 +125,11 @@ class Layer:
         self.params = {}
         self.grads = {}
         self.buffers = {}
-        self._workspaces: dict[tuple, np.ndarray] = {}
+        self._workspaces = {}
 
     @staticmethod
     def allreduce_sum(array: np.ndarray) -> None:
         """Sum ``array`` in place over the ranks (collective); bound by the trainer, identity alone."""
-
-    def workspace(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-        """A scratch array for ``name`` of this shape and dtype, allocated on first use, then reused."""
-        key = (name, shape, np.dtype(dtype).char)
-        array = self._workspaces.get(key)
-        if array is None:
-            array = self._workspaces[key] = np.empty(shape, dtype=dtype)
-        return array
 
     def param_shapes(self, in_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
         """Shapes of the parameters this layer needs for samples of shape ``in_shape``."""
@@ -116,12 +172,8 @@ class Dense(Layer):
 
     def __init__(self, out_features: int, init: str = "he", bias: bool = True) -> None:
         super().__init__()
-        if int(out_features) < 1:
-            raise ValueError(f"Dense needs out_features >= 1, got {out_features}")
-        if init not in ("he", "xavier"):
-            raise ValueError(f"unknown init {init!r}: expected 'he' or 'xavier'")
-        self.out_features = int(out_features)
-        self.init = init
+        self.out_features = positive_int(out_features, "Dense: out_features")
+        self.init = check_init(init)
         self.bias = bool(bias)
         self._x: np.ndarray | None = None
 
@@ -137,9 +189,7 @@ class Dense(Layer):
 
     def init_params(self, rng: np.random.Generator) -> None:
         w = self.params["weight"]
-        fan_in, fan_out = w.shape
-        std = math.sqrt(2.0 / fan_in) if self.init == "he" else math.sqrt(2.0 / (fan_in + fan_out))
-        w[...] = rng.standard_normal(w.shape) * std
+        init_weight(w, *w.shape, self.init, rng)  # fan_in, fan_out
         if self.bias:
             self.params["bias"][...] = 0.0
 
@@ -167,6 +217,8 @@ class Dense(Layer):
 class ReLU(Layer):
     """Elementwise max(x, 0)."""
 
+    preferred_init = "he"
+
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
         self._y = np.maximum(x, 0, out=self.workspace("y", x.shape, x.dtype))
         return self._y
@@ -178,6 +230,8 @@ class ReLU(Layer):
 
 class Tanh(Layer):
     """Elementwise tanh; backward uses the cached output: dx = dy * (1 - y**2)."""
+
+    preferred_init = "xavier"
 
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
         self._y = np.tanh(x, out=self.workspace("y", x.shape, x.dtype))
@@ -192,6 +246,8 @@ class Tanh(Layer):
 
 class Sigmoid(Layer):
     """Elementwise logistic function; dx = dy * y * (1 - y)."""
+
+    preferred_init = "xavier"
 
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
         # sigmoid(x) = (1 + tanh(x / 2)) / 2: no exp, so nothing overflows at any x.
@@ -211,6 +267,8 @@ class Sigmoid(Layer):
 
 class LeakyReLU(Layer):
     """Elementwise x if x > 0 else negative_slope * x; dx = dy where x > 0, negative_slope * dy elsewhere."""
+
+    preferred_init = "he"
 
     def __init__(self, negative_slope: float = 0.01) -> None:
         super().__init__()
@@ -241,6 +299,8 @@ class GELU(Layer):
     Phi and phi are the standard normal CDF and density; dx = dy * (Phi(x) + x * phi(x)).
     Forward caches x and Phi(x).
     """
+
+    preferred_init = "he"
 
     _SQRT_HALF = math.sqrt(0.5)
     _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)

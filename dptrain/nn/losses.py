@@ -9,10 +9,24 @@ from __future__ import annotations
 
 import numpy as np
 
+from .layers import Workspaces
 
-class Loss:
+
+class Loss(Workspaces):
+    """Base class. The gradient a loss returns lives in a workspace (see :class:`Workspaces`): valid
+    until the next ``value_and_grad`` call, whatever its shape; ``value`` calls leave it alone."""
+
     #: "classification" (integer labels), "regression" (float targets) or "multilabel" (0/1 targets)
     task: str = "classification"
+
+    def _check(self, z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Float targets ``y`` of the outputs' shape (batch, k); (batch,) is accepted when k == 1
+        (returned reshaped). ValueError otherwise: broadcasting would compute another loss."""
+        if y.shape != z.shape:
+            if z.ndim == 2 and z.shape[1] == 1 and y.shape == (len(z),):
+                return y.reshape(z.shape)
+            raise ValueError(f"{type(self).__name__} needs targets of the outputs' shape {z.shape}, got {y.shape}")
+        return y
 
     def value_and_grad(self, z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         """Return (sum of per-sample losses, d(sum)/dz of the same shape as z)."""
@@ -32,15 +46,10 @@ class SoftmaxCrossEntropy(Loss):
 
     task = "classification"
 
-    def __init__(self) -> None:
-        self._workspaces: dict[tuple, np.ndarray] = {}
-
     def _exp_shifted(self, z: np.ndarray, use: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(shifted = z - max, exp(shifted), row sums), the first two in workspaces reused per ``use``."""
-        key = (use, z.shape, z.dtype.char)
-        if key not in self._workspaces:
-            self._workspaces[key] = (np.empty_like(z), np.empty_like(z))
-        shifted, e = self._workspaces[key]
+        shifted = self.workspace(use + "_shifted", z.shape, z.dtype)
+        e = self.workspace(use + "_exp", z.shape, z.dtype)
         if len(z):
             np.subtract(z, z.max(axis=1, keepdims=True), out=shifted)
         np.exp(shifted, out=e)
@@ -65,21 +74,28 @@ class SoftmaxCrossEntropy(Loss):
 class MeanSquaredError(Loss):
     """Mean squared error, averaged over the output columns, summed over samples.
 
-    z : (batch, k) predictions; y : (batch, k) float targets.
+    z : (batch, k) predictions; y : (batch, k) float targets ((batch,) is accepted when k == 1;
+    any other shape is a ValueError, not a broadcast).
     Per-sample loss: mean_j (z_ij - y_ij)**2 (so the global mean equals PyTorch's MSELoss).
     Gradient of the sum: 2 * (z - y) / k.
     """
 
     task = "regression"
 
+    def _loss_sum(self, z: np.ndarray, y: np.ndarray, use: str) -> tuple[float, np.ndarray]:
+        """(sum of per-sample losses, z - y in a workspace reused per ``use``)."""
+        y = self._check(z, y)
+        dtype = np.result_type(z, y)  # that of z - y
+        diff = np.subtract(z, y, out=self.workspace(use + "_diff", z.shape, dtype))
+        squares = np.multiply(diff, diff, out=self.workspace(use + "_squares", z.shape, dtype))
+        return float(squares.sum(dtype=np.float64)) / z.shape[1], diff
+
     def value_and_grad(self, z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-        diff = z - y
-        k = z.shape[1]
-        loss = float(np.square(diff).sum(dtype=np.float64)) / k
-        return loss, diff * (2.0 / k)
+        loss, diff = self._loss_sum(z, y, "grad")
+        return loss, np.multiply(diff, 2.0 / z.shape[1], out=diff)
 
     def value(self, z: np.ndarray, y: np.ndarray) -> float:
-        return float(np.square(z - y).sum(dtype=np.float64)) / z.shape[1]
+        return self._loss_sum(z, y, "value")[0]
 
 
 class BCEWithLogits(Loss):
@@ -94,31 +110,13 @@ class BCEWithLogits(Loss):
 
     task = "multilabel"
 
-    def __init__(self) -> None:
-        self._workspaces: dict[tuple, np.ndarray] = {}
-
-    def _workspace(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-        key = (name, shape, np.dtype(dtype).char)
-        array = self._workspaces.get(key)
-        if array is None:
-            array = self._workspaces[key] = np.empty(shape, dtype=dtype)
-        return array
-
-    @staticmethod
-    def _check(z: np.ndarray, y: np.ndarray) -> np.ndarray:
-        if y.shape != z.shape:
-            if z.ndim == 2 and z.shape[1] == 1 and y.shape == (len(z),):
-                return y.reshape(z.shape)
-            raise ValueError(f"BCEWithLogits needs targets of the logits' shape {z.shape}, got {y.shape}")
-        return y
-
     def _loss_sum(self, z: np.ndarray, y: np.ndarray, use: str) -> tuple[float, np.ndarray]:
         """(sum of per-sample losses, exp(-|z|) in a workspace reused per ``use``)."""
-        e = np.abs(z, out=self._workspace(use + "_e", z.shape, z.dtype))
+        e = np.abs(z, out=self.workspace(use + "_e", z.shape, z.dtype))
         np.negative(e, out=e)
         np.exp(e, out=e)
-        elem = np.log1p(e, out=self._workspace(use + "_elem", z.shape, z.dtype))
-        t = np.maximum(z, 0, out=self._workspace(use + "_t", z.shape, z.dtype))
+        elem = np.log1p(e, out=self.workspace(use + "_elem", z.shape, z.dtype))
+        t = np.maximum(z, 0, out=self.workspace(use + "_t", z.shape, z.dtype))
         elem += t
         np.multiply(z, y, out=t)
         elem -= t
@@ -131,12 +129,12 @@ class BCEWithLogits(Loss):
         # With e = exp(-|z|) and s = e / (1 + e) = sigmoid(-|z|): sigmoid(z) - y is s - y for
         # z < 0 and (1 - y) - s for z >= 0. Nothing overflows, and a saturated logit with the
         # matching 0/1 target keeps its tiny gradient instead of rounding 1 - s - 1 to 0.
-        dz = np.add(e, 1, out=self._workspace("dz", z.shape, z.dtype))
+        dz = np.add(e, 1, out=self.workspace("dz", z.shape, z.dtype))
         np.reciprocal(dz, out=dz)
         dz *= e
-        nonnegative = np.greater_equal(z, 0, out=self._workspace("nonnegative", z.shape, np.bool_))
+        nonnegative = np.greater_equal(z, 0, out=self.workspace("nonnegative", z.shape, np.bool_))
         np.negative(dz, out=dz, where=nonnegative)
-        dz += np.subtract(nonnegative, y, out=self._workspace("grad_t", z.shape, z.dtype), dtype=z.dtype)
+        dz += np.subtract(nonnegative, y, out=self.workspace("grad_t", z.shape, z.dtype), dtype=z.dtype)
         dz *= 1.0 / z.shape[1]
         return loss, dz
 
