@@ -25,7 +25,7 @@ _MODEL_INIT_STREAM = 10
 MAX_PARAMS = 2**31  # the flat buffers are indexed with int32 offsets by many BLAS builds
 
 
-def load_dataset(config: Config, path: str | None = None) -> Dataset:
+def load_dataset(config: Config) -> Dataset:
     """The whole dataset named by ``config.data`` (float64 features), before the split.
 
     An uncompressed .npz or a folder of .npy files stays memory-mapped: nothing is read here but
@@ -39,8 +39,8 @@ def load_dataset(config: Config, path: str | None = None) -> Dataset:
     if d.name == "diabetes":
         return data_mod.load_diabetes()
     if d.name == "csv":
-        return data_mod.load_csv(path or d.path, d.target, labels=config.train.loss == "cross_entropy")
-    return data_mod.load_npz(path or d.path)
+        return data_mod.load_csv(d.path, d.target, labels=config.train.loss == "cross_entropy")
+    return data_mod.load_npz(d.path)
 
 
 def train_val_split(config: Config, dataset: Dataset) -> tuple[Dataset, Dataset]:
@@ -54,8 +54,7 @@ def train_val_split(config: Config, dataset: Dataset) -> tuple[Dataset, Dataset]
     if len(train_idx) == 0:
         raise UserError(f"data {dataset.source}: no training samples left after data.val_fraction = "
                         f"{config.data.val_fraction}")
-    dtype = np.dtype(config.train.dtype)
-    dataset = dataset.astype(dtype).in_memory()  # in memory: converted once, not at every step
+    dataset = dataset.converted(config.train.dtype)  # in memory: converted once, not at every step
     return dataset.subset(train_idx), dataset.subset(val_idx)
 
 
@@ -93,18 +92,18 @@ def build_layers(config: Config, in_shape: tuple[int, ...], n_outputs: int) -> l
     """The layers of ``model.layers`` (or of ``model.hidden`` + ``model.activation``), then the
     output layer: a Dense(n_outputs) with Xavier initialisation, after a Flatten if needed.
 
-    Hidden Dense layers of ``model.hidden`` use He initialisation after ReLU-like activations and
-    Xavier otherwise (after a Flatten if ``data.shape`` has several dimensions).
+    Hidden Dense layers of ``model.hidden`` use the activation's ``preferred_init``: He
+    initialisation before ReLU-like activations and Xavier otherwise (after a Flatten if
+    ``data.shape`` has several dimensions).
     """
     m = config.model
     if m.layers:
         layers = [make_layer(table, i, config.seed) for i, table in enumerate(m.layers)]
     else:
         activation = ACTIVATIONS[m.activation]
-        init_name = "he" if m.activation in ("relu", "leaky_relu", "gelu") else "xavier"
         layers = [Flatten()] if len(in_shape) > 1 else []  # data.shape given for an MLP
         for width in m.hidden:
-            layers += [Dense(width, init=init_name), activation()]
+            layers += [Dense(width, init=activation.preferred_init), activation()]
     shape = in_shape
     for i, layer in enumerate(layers):
         try:
@@ -154,10 +153,27 @@ def build_schedule(config: Config, steps_per_epoch: int) -> Schedule:
     """The learning rate per optimizer step: ``optim.schedule`` after ``optim.warmup_epochs`` of
     linear warmup, from optim.lr (times global batch / ``optim.lr_reference_batch`` if set)."""
     o, total = config.optim, config.train.epochs * steps_per_epoch
-    base = scaled_lr(o.lr, config.train.batch_size, o.lr_reference_batch)
-    warmup = min(round(o.warmup_epochs * steps_per_epoch), total - 1)
-    return make_schedule(o.schedule, base, total, warmup_steps=warmup, step_size=o.step_epochs * steps_per_epoch,
-                         gamma=o.gamma, min_lr=o.min_lr)
+    try:
+        base = scaled_lr(o.lr, config.train.batch_size, o.lr_reference_batch)
+        warmup = min(round(o.warmup_epochs * steps_per_epoch), total - 1)
+        return make_schedule(o.schedule, base, total, warmup_steps=warmup,
+                             step_size=o.step_epochs * steps_per_epoch, gamma=o.gamma, min_lr=o.min_lr)
+    except ValueError as exc:  # config.validate refuses these first; this names the keys all the same
+        argument = str(exc).split(" ", 1)[0]
+        key = _SCHEDULE_KEYS.get(argument, "optim.schedule")
+        raise UserError(f"{key} = {_config_value(config, key)!r} gives no valid learning-rate schedule: {exc}") from None
+
+
+#: make_schedule's and scaled_lr's arguments -> the config keys they come from
+_SCHEDULE_KEYS = {"base_lr": "optim.lr", "lr": "optim.lr", "total_steps": "train.epochs",
+                  "warmup_steps": "optim.warmup_epochs", "step_size": "optim.step_epochs", "gamma": "optim.gamma",
+                  "min_lr": "optim.min_lr", "global_batch": "train.batch_size",
+                  "reference_batch": "optim.lr_reference_batch"}
+
+
+def _config_value(config: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
 
 
 def build_trainer(config: Config, model: Sequential, loss: Loss, optimizer, train_set: Dataset,
@@ -182,7 +198,7 @@ def _check_batch_statistics(config: Config, model: Sequential, n_train: int) -> 
     batch = config.train.batch_size
     last = n_train % batch or batch
     for i, layer in enumerate(model.layers):
-        if getattr(layer, "syncs_batch_statistics", False) and int(np.prod(model.shapes[i][1:])) == 1 and last == 1:
+        if layer.syncs_batch_statistics and int(np.prod(model.shapes[i][1:])) == 1 and last == 1:
             where = f"model.layers[{i}]" if config.model.layers else f"layer {i}"
             raise UserError(f"train.batch_size = {batch} leaves a global batch of 1 sample ({n_train} training "
                             f"samples), which {layer.describe()} at {where} cannot normalise: choose another batch size")

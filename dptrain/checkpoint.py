@@ -135,8 +135,12 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
         raise UserError(f"checkpoint file {path}: cannot be read ({exc})") from None
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Load and verify a checkpoint: every file must match the SHA-256 recorded in meta.json."""
+def load_checkpoint(path: str | Path, optimizer: bool = True) -> Checkpoint:
+    """Load and verify a checkpoint: every file must match the SHA-256 recorded in meta.json.
+
+    ``optimizer=False`` (to predict or evaluate): optimizer.npz is neither hashed nor loaded, and
+    the checkpoint's ``optimizer`` is empty; resuming needs the full load.
+    """
     ckpt = resolve_checkpoint_path(path)
     meta_path = ckpt / "meta.json"
     try:
@@ -145,14 +149,16 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise UserError(f"checkpoint file {meta_path}: cannot be read as JSON ({exc})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
         raise UserError(f"checkpoint file {meta_path}: no 'files' table of checksums")
-    for name in _ARRAY_FILES:
+    names = _ARRAY_FILES if optimizer else ("model.npz",)
+    for name in names:
         file = ckpt / name
         expected = meta["files"].get(name)
         if not file.is_file():
             raise UserError(f"checkpoint file {file}: missing")
         if expected != _sha256(file):
             raise UserError(f"checkpoint file {file}: SHA-256 does not match meta.json (truncated or modified)")
-    return Checkpoint(ckpt, _load_npz(ckpt / "model.npz"), _load_npz(ckpt / "optimizer.npz"), meta)
+    return Checkpoint(ckpt, _load_npz(ckpt / "model.npz"), _load_npz(ckpt / "optimizer.npz") if optimizer else {},
+                      meta)
 
 
 def clean_stale_temporaries(checkpoint_root: Path) -> list[Path]:
@@ -185,3 +191,18 @@ def describe_incompatibility(checkpoint: Checkpoint, names_shapes: dict[str, tup
         return None
     return (f"checkpoint {checkpoint.path} does not match the model of the config (checkpoint vs config): "
             + "; ".join(problems))
+
+
+def check_compatible(checkpoint: Checkpoint, model) -> None:
+    """UserError saying what differs if the checkpoint's arrays do not fit ``model`` (a Sequential)."""
+    problem = describe_incompatibility(checkpoint, model.state_shapes(), model.dtype)
+    if problem:
+        raise UserError(problem)
+
+
+def restore_model(checkpoint: Checkpoint, model):
+    """``model`` (a Sequential built with init=False) with the checkpoint's weights, once they are
+    checked to fit it (UserError otherwise)."""
+    check_compatible(checkpoint, model)
+    model.load_params(checkpoint.model)
+    return model

@@ -34,18 +34,18 @@ from .build import (
 )
 from .checkpoint import (
     Checkpoint,
+    check_compatible,
     clean_stale_temporaries,
-    describe_incompatibility,
     load_checkpoint,
+    restore_model,
     step_dirs,
 )
-from .comm import make_comm
-from .config import config_from_dict, load_config
+from .comm import make_comm, refuse_under_mpi
+from .config import load_config
 from .errors import EXIT_REQUEUE, CollectiveError, ExitQuietly, UserError
 from .launcher import (
     build_command,
     find_mpiexec,
-    limit_threads_in_process,
     thread_environment,
 )
 from .metrics import MetricsLogger, summary_line
@@ -53,7 +53,7 @@ from .progress import ProgressBar
 from .signals import StopOnSignal
 from .timeline import Timeline
 from .evaluation import evaluate
-from .predict import evaluation_inputs
+from .predict import checkpoint_config, evaluation_inputs
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -82,6 +82,22 @@ def _reports_errors(fn):
             sys.exit(exc.code)
 
     return wrapper
+
+
+def _agreed_setup(comm, debug: bool, work):
+    """``work()`` on every rank, each checking its own input, then every rank agrees before any
+    other collective: returns what ``work`` returned if no rank raised a UserError; otherwise
+    every rank exits with status 2 and the error is printed once (comm.raise_if_any_failed).
+    With ``debug`` a UserError propagates instead, with its traceback. Collective."""
+    error, result = None, None
+    try:
+        result = work()
+    except UserError as exc:
+        if debug:
+            raise
+        error = exc
+    comm.raise_if_any_failed(error)
+    return result
 
 
 def _train_options(fn):
@@ -145,9 +161,7 @@ def _find_checkpoint(resume: str, out_dir: Path, model, info=click.echo) -> Chec
     """Rank 0 only: the checkpoint to resume from, verified and matching the model, or None."""
 
     def compatible(ckpt: Checkpoint) -> Checkpoint:
-        problem = describe_incompatibility(ckpt, model.state_shapes(), model.dtype)
-        if problem:
-            raise UserError(problem)
+        check_compatible(ckpt, model)
         return ckpt
 
     if resume != "auto":
@@ -200,23 +214,10 @@ def train(config_path, overrides, out, overwrite, resume, quiet=False, timeline=
 def _train(comm, config_path, overrides, out, overwrite, resume, debug, stop_signals, quiet=False,
            timeline=None) -> None:
     info = (lambda line: None) if quiet else click.echo  # what --quiet leaves out
-    if comm.is_mpi:
-        limit_threads_in_process(comm.local_size)
-    error, out_dir = None, None
-    try:  # set-up: every rank checks its own input, then all agree before any training collective
-        config = load_config(config_path, overrides)
-        parts = build_parts(config, comm.size)
-        train_set, val_set, model = parts.train_set, parts.val_set, parts.model
-        checkpoint = None
-        if comm.rank == 0:
-            out_dir = _prepare_out_dir(out, overwrite, resume)
-            if resume:
-                checkpoint = _find_checkpoint(resume, out_dir, model, info)
-    except UserError as exc:
-        if debug:
-            raise
-        error = exc
-    comm.raise_if_any_failed(error)
+    # set-up: every rank checks its own input, then all agree before any training collective
+    config, parts, out_dir, checkpoint = _agreed_setup(
+        comm, debug, lambda: _training_setup(comm, config_path, overrides, out, overwrite, resume, info))
+    train_set, val_set, model = parts.train_set, parts.val_set, parts.model
     out_dir = Path(comm.broadcast_text(str(out_dir) if comm.rank == 0 else ""))
 
     if comm.rank == 0:
@@ -258,6 +259,18 @@ def _train(comm, config_path, overrides, out, overwrite, resume, debug, stop_sig
                    f"checkpoint {trainer.last_checkpoint}")
 
 
+def _training_setup(comm, config_path, overrides, out, overwrite, resume, info):
+    """(config, run parts, run folder and checkpoint to resume from: on rank 0, else None and None)."""
+    config = load_config(config_path, overrides)
+    parts = build_parts(config, comm.size)
+    out_dir, checkpoint = None, None
+    if comm.rank == 0:
+        out_dir = _prepare_out_dir(out, overwrite, resume)
+        if resume:
+            checkpoint = _find_checkpoint(resume, out_dir, parts.model, info)
+    return config, parts, out_dir, checkpoint
+
+
 @main.command("eval", context_settings=CONTEXT)
 @click.option("--checkpoint", "checkpoint_path", required=True, type=click.Path(),
               help="A checkpoint folder (e.g. runs/d1/checkpoints/latest), or a run folder.")
@@ -271,27 +284,7 @@ def eval_command(checkpoint_path, as_json, data_path=None, comm_kind="auto", deb
     """Evaluate a checkpoint's model on its config's validation split, or on every row of --data."""
     comm = make_comm(comm_kind)
     with comm.fail_fast():
-        error = None
-        try:
-            ckpt = load_checkpoint(checkpoint_path)
-            if data_path is not None:  # the model from the checkpoint alone; the config's data is not needed
-                model, loss, val_set = evaluation_inputs(ckpt, data_path)
-            else:
-                config = config_from_dict(ckpt.meta.get("config", {}), f"checkpoint {ckpt.path / 'meta.json'}")
-                dataset = load_dataset(config)
-                _, val_set = train_val_split(config, dataset)
-                if len(val_set) == 0:
-                    raise UserError(f"checkpoint {ckpt.path}: its config has data.val_fraction = 0, no validation "
-                                    f"split")
-                loss = build_loss(config, dataset)
-                model = build_model(config, dataset.n_features, dataset.n_outputs, init=False)
-                problem = describe_incompatibility(ckpt, model.state_shapes(), model.dtype)
-                if problem:
-                    raise UserError(problem)
-                model.load_params(ckpt.model)
-        except UserError as exc:
-            error = exc
-        comm.raise_if_any_failed(error)
+        ckpt, model, loss, val_set = _agreed_setup(comm, debug, lambda: _evaluation_setup(checkpoint_path, data_path))
         result = evaluate(model, loss, val_set, comm)
         result.update(checkpoint=str(ckpt.path), step=ckpt.meta.get("step"))
         if data_path is not None:
@@ -304,6 +297,22 @@ def eval_command(checkpoint_path, as_json, data_path=None, comm_kind="auto", deb
                           else f"rmse {result['rmse']:.4f}  r2 {result['r2']:.4f}")
                 click.echo(f"loss {result['loss']:.4f}  {metric}  n_samples {result['n_samples']}  "
                            f"(checkpoint {result['checkpoint']}, step {result['step']})")
+
+
+def _evaluation_setup(checkpoint_path, data_path):
+    """(checkpoint, model with its weights, loss, data) to evaluate: every row of ``data_path``, or
+    (None) the validation split of the checkpoint's config."""
+    ckpt = load_checkpoint(checkpoint_path, optimizer=False)
+    if data_path is not None:  # the model from the checkpoint alone; the config's data is not needed
+        return ckpt, *evaluation_inputs(ckpt, data_path)
+    config = checkpoint_config(ckpt)
+    dataset = load_dataset(config)
+    _, val_set = train_val_split(config, dataset)
+    if len(val_set) == 0:
+        raise UserError(f"checkpoint {ckpt.path}: its config has data.val_fraction = 0, no validation split")
+    loss = build_loss(config, dataset)
+    model = build_model(config, dataset.n_features, dataset.n_outputs, init=False)
+    return ckpt, restore_model(ckpt, model), loss, val_set
 
 
 def _check_train_args(train_args) -> dict:
@@ -349,6 +358,8 @@ def launch(n_ranks, mpirun, dry_run, train_args, debug=False, **job):
     --config configs/digits_mlp.toml --out runs/big. The job always trains with --resume auto, so that
     a requeued or continued job carries on from its newest checkpoint.
     """
+    # under mpirun every rank would start its own mpiexec (or job): refuse, in one line from rank 0
+    refuse_under_mpi("launch: run it outside mpirun/mpiexec/srun: it starts or submits the ranks itself")
     if n_ranks is None or any(job.values()):  # a batch job (or a mix of the two modes): in cli_jobs.py
         from .cli_jobs import launch_batch_job
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 import click
 
 from .checkpoint import load_checkpoint
-from .cli import CONTEXT, _common_options, _reports_errors
+from .cli import CONTEXT, _agreed_setup, _common_options, _reports_errors
 from .comm import make_comm
-from .errors import UserError
+from .fileio import check_output_path
 from .plot import plot_runs
 from .predict import (
-    check_output_path,
     model_from_checkpoint,
     predict_outputs,
     prediction_table,
@@ -45,18 +44,8 @@ def predict_command(checkpoint_path, input_path, output_path, overwrite, comm_ki
     """
     comm = make_comm(comm_kind)
     with comm.fail_fast():
-        error = None
-        try:
-            ckpt = load_checkpoint(checkpoint_path)
-            config, model = model_from_checkpoint(ckpt)
-            x = read_features(input_path, model.in_features, model.dtype, getattr(config.data, "target", ""))
-            if comm.rank == 0:
-                output = check_output_path(output_path, overwrite, input_path)
-        except UserError as exc:
-            if debug:
-                raise
-            error = exc
-        comm.raise_if_any_failed(error)
+        ckpt, config, model, x, output = _agreed_setup(
+            comm, debug, lambda: _prediction_setup(comm.rank, checkpoint_path, input_path, output_path, overwrite))
         outputs = predict_outputs(model, x, comm)
         if comm.rank == 0:
             names, table, formats = prediction_table(outputs, config.train.loss)
@@ -64,6 +53,15 @@ def predict_command(checkpoint_path, input_path, output_path, overwrite, comm_ki
             click.echo(f"{len(table)} predictions ({config.train.loss}: {', '.join(names[1:4])}"
                        f"{', ...' if len(names) > 4 else ''}) written to {output} "
                        f"(checkpoint {ckpt.path}, step {ckpt.meta.get('step')})")
+
+
+def _prediction_setup(rank: int, checkpoint_path, input_path, output_path, overwrite: bool):
+    """(checkpoint, its config, its model, the checked input rows, the output file on rank 0 or None)."""
+    ckpt = load_checkpoint(checkpoint_path, optimizer=False)
+    config, model = model_from_checkpoint(ckpt)
+    x = read_features(input_path, model.in_features, model.dtype, getattr(config.data, "target", ""))
+    output = check_output_path(output_path, overwrite, input_path) if rank == 0 else None
+    return ckpt, config, model, x, output
 
 
 @click.command("plot", context_settings=CONTEXT)

@@ -127,16 +127,41 @@ class Dataset:
         reads. The check reads the rows a chunk at a time; it is skipped when every value is
         known to be finite and every conversion is exact.
         """
+        view = self._cast(dtype)
+        if self._needs_scan(view) and not view._all_finite():
+            raise self._range_error(view.dtype)
+        return view
+
+    def converted(self, dtype) -> Dataset:
+        """``astype(dtype).in_memory()`` with each value converted once: an in-memory dataset is
+        converted into new arrays, then those are checked (the same values and errors as astype);
+        a memory-mapped one is checked by chunks and stays a view on disk."""
+        if isinstance(self.base_x, np.memmap) or isinstance(self.base_y, np.memmap):
+            return self.astype(dtype)
+        view = self._cast(dtype)
+        done = view.in_memory()
+        if self._needs_scan(view) and not done._all_finite():
+            raise self._range_error(view.dtype)
+        done._finite = True  # every value is finite: known, or checked just now
+        return done
+
+    def _cast(self, dtype) -> Dataset:
+        """The view in ``dtype``, unchecked (labels keep their dtype)."""
         dtype = np.dtype(dtype)
         x_casts = _then(self._x_casts, self.base_x.dtype, dtype)
         y_casts = self._y_casts if self.n_classes is not None else _then(self._y_casts, self.base_y.dtype, dtype)
-        view = self._view(self.rows, x_casts, y_casts)
-        exact = _exact_chain(self.base_x.dtype, x_casts) and (
-            self.n_classes is not None or _exact_chain(self.base_y.dtype, y_casts))
-        if not (self._finite and exact) and not view._all_finite():
-            raise UserError(f"data {self.source}: values exceed the range of {dtype} "
-                            f"(scale the data or set train.dtype = \"float64\")")
-        return view
+        return self._view(self.rows, x_casts, y_casts)
+
+    def _needs_scan(self, view: Dataset) -> bool:
+        """Whether ``view`` (this data in another dtype) may hold a value that is not finite: not
+        when every value here is known to be finite and every conversion is exact."""
+        exact = _exact_chain(self.base_x.dtype, view._x_casts) and (
+            self.n_classes is not None or _exact_chain(self.base_y.dtype, view._y_casts))
+        return not (self._finite and exact)
+
+    def _range_error(self, dtype: np.dtype) -> UserError:
+        return UserError(f"data {self.source}: values exceed the range of {dtype} "
+                         f"(scale the data or set train.dtype = \"float64\")")
 
     def in_memory(self) -> Dataset:
         """An in-memory dataset with its conversions done once (x and y read into new arrays), so
@@ -151,16 +176,8 @@ class Dataset:
 
     def _all_finite(self) -> bool:
         """Whether every value of x (and of float targets y) this view returns is finite; by chunks."""
-        which = ["x"] if self.n_classes is not None else ["x", "y"]
-        for name in which:
-            base = self.base_x if name == "x" else self.base_y
-            step, n = _chunk_rows(base), len(self)
-            for start in range(0, n, step):
-                part = slice(start, min(start + step, n))
-                values = self._read(name, part if self.rows is None else self.rows[part])
-                if values.dtype.kind in "fc" and not np.isfinite(values).all():
-                    return False
-        return True
+        arrays = [self.x] if self.n_classes is not None else [self.x, self.y]
+        return all(first_non_finite_row(a) is None for a in arrays)
 
 
 class RowView:
@@ -274,18 +291,62 @@ def _convert(values: np.ndarray, casts: tuple[np.dtype, ...]) -> np.ndarray:
     return values
 
 
-def _chunk_rows(a: np.ndarray) -> int:
-    """Rows of ``a`` in about CHUNK_BYTES."""
-    row_bytes = max(1, a.itemsize * math.prod(a.shape[1:]))
+def _chunk_rows(a) -> int:
+    """Rows of ``a`` (an array or a RowView) in about CHUNK_BYTES."""
+    row_bytes = max(1, a.dtype.itemsize * math.prod(a.shape[1:]))
     return max(1, CHUNK_BYTES // row_bytes)
 
 
-def _all_finite(a: np.ndarray) -> bool:
-    """np.isfinite(a).all(), reading ``a`` a chunk at a time (no full-size temporary)."""
-    if a.dtype.kind not in "fc":
-        return True
+def first_non_finite_row(a, dtype=None) -> int | None:
+    """The first row of ``a`` (N, ...) holding NaN or infinity once converted to ``dtype`` (if
+    given: a value beyond its range becomes infinite); None if there is none.
+
+    a : an array (perhaps memory-mapped) or a RowView, read a chunk at a time (no full-size
+    temporary). Integers are not scanned: they are finite, and within float32's range.
+    """
+    dtype = a.dtype if dtype is None else np.dtype(dtype)
+    if a.dtype.kind not in "fc" and (dtype.kind not in "fc" or dtype.itemsize >= 4):
+        return None
     step = _chunk_rows(a)
-    return all(np.isfinite(a[start:start + step]).all() for start in range(0, len(a), step))
+    for start in range(0, len(a), step):
+        with np.errstate(over="ignore", invalid="ignore"):
+            block = np.asarray(a[start:start + step]).astype(dtype, copy=False)
+        ok = np.isfinite(block).all(axis=tuple(range(1, block.ndim)))
+        if not ok.all():
+            return start + int(np.argmin(ok))
+    return None
+
+
+def check_features(x, where: str, n_features: int | None = None, dtype=None) -> None:
+    """UserError (starting with ``where``) unless ``x`` is a real-valued (N, D) array with N, D >= 1
+    (and D = ``n_features`` if given) whose values are finite (and fit ``dtype`` if given).
+
+    x : an array, perhaps memory-mapped: the values are scanned a chunk at a time.
+    """
+    real = np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
+    if x.ndim != 2 or not real or x.shape[1] < 1:
+        raise UserError(f"{where}: the features must be a real-valued array of shape (N, D) with D >= 1, "
+                        f"got {x.dtype} {x.shape}")
+    if len(x) == 0:
+        raise UserError(f"{where}: no rows")
+    if n_features is not None and x.shape[1] != n_features:
+        raise UserError(f"{where}: {x.shape[1]} feature column{'s' if x.shape[1] != 1 else ''}, but the model "
+                        f"takes {n_features} features per row")
+    bad = first_non_finite_row(x, dtype)
+    if bad is None:
+        return
+    if dtype is None or first_non_finite_row(x[bad:bad + 1]) is not None:
+        raise UserError(f"{where}: row {bad} (counting from 0) contains NaN or infinity")
+    raise UserError(f"{where}: row {bad} (counting from 0) holds a value beyond the range of {np.dtype(dtype)}, "
+                    f"the model's dtype")
+
+
+def list_names(names: list[str], most: int = 8) -> str:
+    """'a', 'b', 'c', or for many names the first and last few: 'f0', 'f1', 'f2', ..., 'f63', 'label'."""
+    if len(names) <= most:
+        return ", ".join(repr(n) for n in names)
+    half = most // 2
+    return ", ".join([*(repr(n) for n in names[:half]), "...", *(repr(n) for n in names[-half:])])
 
 
 def load_digits() -> Dataset:
@@ -320,13 +381,14 @@ def load_diabetes() -> Dataset:
     return dataset
 
 
-def load_csv(path: str, target: str, labels: bool | None = None) -> Dataset:
+def load_csv(path: str, target: str, labels: bool | None = None, n_classes: int | None = None) -> Dataset:
     """The CSV file at ``path``: a header row naming the columns, then one sample per row.
 
     The column named ``target`` holds the labels; every other column is a numeric feature, in
     file order. ``labels=True``: the targets are class labels, whole numbers >= 0 (n_classes =
     max + 1); ``labels=False``: float regression targets (N, 1), even if all are whole numbers;
     ``labels=None``: class labels if every target value is a whole number ("3" or "3.0").
+    ``n_classes``: class labels must lie in [0, n_classes) (the first one beyond is named by row).
     Blank lines are skipped; a row number in an error is the line of the file (the header is
     row 1). The file is read into memory, with a fast NumPy parser; when that fails, a second
     pass with the csv module finds the first bad row or cell for the error message.
@@ -339,13 +401,8 @@ def load_csv(path: str, target: str, labels: bool | None = None) -> Dataset:
         raise UserError(f"data file {path}: is a folder, not a CSV file")
     if not os.path.isfile(path):
         raise UserError(f"data file {path}: not found")
-    try:
-        where = f"data file {path}"
-        names, values, lines = read_csv(path, where, lambda names: _check_target(names, target, where))
-    except UnicodeDecodeError as exc:
-        raise UserError(f"data file {path}: is not UTF-8 text ({exc.reason}); save it as UTF-8") from None
-    except OSError as exc:
-        raise UserError(f"data file {path}: cannot be read ({exc.strerror or exc})") from None
+    where = f"data file {path}"
+    names, values, lines = read_csv(path, where, lambda names: _check_target(names, target, where))
     col = names.index(target)
     y = values[:, col]
     x = np.ascontiguousarray(np.delete(values, col, axis=1))
@@ -361,12 +418,17 @@ def load_csv(path: str, target: str, labels: bool | None = None) -> Dataset:
         if bad.size:
             raise UserError(f"data file {path}: row {_row_number(path, lines, bad[0])}, column {target!r}: class "
                             f"label {y[bad[0]]:.15g} is negative (whole-number targets are class labels 0..K-1)")
+        if n_classes is not None and y.max() >= n_classes:
+            i = int(np.flatnonzero(y >= n_classes)[0])
+            raise UserError(f"data file {path}: row {_row_number(path, lines, i)}, column {target!r}: class label "
+                            f"{y[i]:.15g} is out of range: labels must lie in [0, {n_classes})")
         if y.max() >= MAX_CLASSES:
             i = int(np.argmax(y))
             raise UserError(f"data file {path}: row {_row_number(path, lines, i)}, column {target!r}: class label "
                             f"{y[i]:.15g} implies more than {MAX_CLASSES:,} classes (whole-number targets are class "
                             f"labels 0..K-1)")
-        dataset = Dataset(x, y.astype(np.int64), max(int(y.max()) + 1, 2), path)
+        k = int(y.max()) + 1 if n_classes is None else n_classes
+        dataset = Dataset(x, y.astype(np.int64), max(k, 2), path)
     else:
         dataset = Dataset(x, np.ascontiguousarray(y.reshape(-1, 1)), None, path)
     dataset._finite = True
@@ -378,11 +440,23 @@ def read_csv(path: str | Path, where: str,
     """(column names, values (N, columns) float64, file line of each row or None if not tracked)
     of a CSV file with a header row; ``where`` starts every error message (e.g. "data file x.csv").
 
+    A first row made of numbers is refused (it is data: the header is missing), then
     ``check_header(names)`` may refuse the header (UserError). Blank lines are skipped. A clean
     file is read by NumPy's fast parser; otherwise a second pass with the csv module finds the
     first bad row (the line of the file, the header being row 1) or cell and says so: a short or
-    long row, a cell that is not a finite number, no data rows.
+    long row, a cell that is not a finite number, no data rows. A file that cannot be read, or is
+    not UTF-8 text, is a UserError too.
     """
+    try:
+        return _read_csv(path, where, check_header)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{where}: is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"{where}: cannot be read ({exc.strerror or exc})") from None
+
+
+def _read_csv(path: str | Path, where: str,
+              check_header: Callable[[list[str]], None]) -> tuple[list[str], np.ndarray, list[int] | None]:
     with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark is not part of a name
         reader = csv.reader(fh, skipinitialspace=True)
         try:
@@ -392,6 +466,7 @@ def read_csv(path: str | Path, where: str,
         if header is None:
             raise UserError(f"{where}: is empty (expected a header row naming the columns, then data rows)")
         names = [name.strip() for name in header]
+        _check_not_numbers(names, where)
         check_header(names)
         try:
             with warnings.catch_warnings():  # loadtxt warns on no data: the scan below reports it
@@ -402,6 +477,13 @@ def read_csv(path: str | Path, where: str,
     if values is not None and len(values) and values.shape[1] == len(names) and np.isfinite(values).all():
         return names, values, None
     return (names, *_scan_csv(path, where, names))  # finds what is wrong and says so (or reads what loadtxt could not)
+
+
+def _check_not_numbers(names: list[str], where: str) -> None:
+    """A header row made of numbers is data: the header is missing."""
+    if all(is_number(name) for name in names):
+        raise UserError(f"{where}: the first row ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}) "
+                        f"is numbers; expected a header row naming the columns")
 
 
 def _check_target(names: list[str], target: str, where: str) -> None:
@@ -488,31 +570,34 @@ def load_npz(path: str, n_classes: int | None = None) -> Dataset:
     elif not os.path.isfile(path):
         raise UserError(f"data file {path}: not found")
     else:
-        x, y = _load_npz_arrays(path)
+        x, y = load_npz_arrays(path, f"data file {path}", npy_hint=" (or a folder with x.npy and y.npy)")
     return _checked_arrays(x, y, n_classes, path)
 
 
-def _load_npz_arrays(path: str) -> tuple[np.ndarray, np.ndarray]:
+def load_npz_arrays(path: str | Path, where: str, keys: tuple[str, ...] = ("x", "y"),
+                    npy_hint: str = "") -> tuple[np.ndarray, ...]:
+    """The arrays ``keys`` of the .npz at ``path``, memory-mapped if stored uncompressed (see
+    :func:`load_npz`); ``where`` starts every error message. A lone .npy array is refused by its
+    content, whatever its suffix, with ``npy_hint`` after the message."""
     try:
         with open(path, "rb") as fh:  # closed even if np.load fails; the memory maps outlive it
             if fh.read(len(npy_format.MAGIC_PREFIX)) == npy_format.MAGIC_PREFIX:
-                raise UserError(f"data file {path}: is one .npy array, not an .npz with x and y (or a folder "
-                                f"with x.npy and y.npy)")
+                raise UserError(f"{where}: is one .npy array, not an .npz with {' and '.join(keys)}{npy_hint}")
             fh.seek(0)
             with np.load(fh, allow_pickle=False) as archive:
-                missing = [k for k in ("x", "y") if k not in archive.files]
+                missing = [k for k in keys if k not in archive.files]
                 if missing:
-                    raise UserError(f"data file {path}: no array named {' or '.join(repr(k) for k in missing)} "
-                                    f"(found {', '.join(archive.files) or 'none'})")
-                x, y = (_npz_member(archive, fh, key) for key in ("x", "y"))
+                    raise UserError(f"{where}: no array named {' or '.join(repr(k) for k in missing)} "
+                                    f"(it holds {list_names(archive.files) or 'nothing'})")
+                arrays = tuple(_npz_member(archive, fh, key) for key in keys)
     except UserError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise UserError(f"data file {path}: cannot be read as .npz ({exc})") from exc
-    for key, array in (("x", x), ("y", y)):
+        raise UserError(f"{where}: cannot be read as .npz ({exc})") from exc
+    for key, array in zip(keys, arrays):
         if not isinstance(array, np.ndarray):
-            raise UserError(f"data file {path}: {key!r} is not a NumPy array")
-    return x, y
+            raise UserError(f"{where}: {key!r} is not a NumPy array")
+    return arrays
 
 
 def _npz_member(archive, fh, key: str):
@@ -582,32 +667,30 @@ def _load_npy_folder(path: str) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"data file {path}: is a folder without x.npy and y.npy, not an .npz file")
     if missing:
         raise UserError(f"data file {path}: no array named {missing[0]!r} (no {missing[0]}.npy in the folder)")
-    arrays = []
-    for file in files.values():
-        try:
-            array = np.load(file, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError, EOFError) as exc:
-            raise UserError(f"data file {file}: cannot be read as .npy ({exc})") from exc
-        if not isinstance(array, np.ndarray):
-            raise UserError(f"data file {file}: is not an .npy array")
-        arrays.append(array)
-    return arrays[0], arrays[1]
+    x, y = (load_npy(file, f"data file {file}") for file in files.values())
+    return x, y
+
+
+def load_npy(path: str | Path, where: str) -> np.ndarray:
+    """The one array of the .npy file at ``path``, memory-mapped read-only; ``where`` starts every
+    error message. An .npz archive is refused by its content, whatever its suffix."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise UserError(f"{where}: cannot be read as .npy ({exc})") from exc
+    if not isinstance(array, np.ndarray):  # np.load opened a zip archive (an NpzFile)
+        array.close()
+        raise UserError(f"{where}: is an .npz archive, not one .npy array")
+    return array
 
 
 def _checked_arrays(x: np.ndarray, y: np.ndarray, n_classes: int | None, source: str) -> Dataset:
-    real = np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
-    if x.ndim != 2 or not real or x.shape[1] < 1:
-        raise UserError(f"data file {source}: x must be a real-valued array of shape (N, D) with D >= 1, "
-                        f"got {x.dtype} {x.shape}")
+    if x.ndim == 2 and y.ndim in (1, 2) and len(x) != len(y):
+        raise UserError(f"data file {source}: x has {len(x)} rows but y has {len(y)}")
+    check_features(x, f"data file {source}")
     if y.ndim not in (1, 2):
         raise UserError(f"data file {source}: y must be (N,) integer labels or (N, K) float targets, "
                         f"got {y.dtype} {y.shape}")
-    if len(x) != len(y):
-        raise UserError(f"data file {source}: x has {len(x)} rows but y has {len(y)}")
-    if len(x) == 0:
-        raise UserError(f"data file {source}: no samples")
-    if not _all_finite(x):
-        raise UserError(f"data file {source}: x contains NaN or infinity")
     if y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
         lowest, highest = y.min(), y.max()
         k = int(highest) + 1 if n_classes is None else n_classes
@@ -619,7 +702,7 @@ def _checked_arrays(x: np.ndarray, y: np.ndarray, n_classes: int | None, source:
     if y.ndim == 2 and np.issubdtype(y.dtype, np.floating):
         if y.shape[1] < 1:
             raise UserError(f"data file {source}: regression targets y of shape {y.shape} have no column")
-        if not _all_finite(y):
+        if first_non_finite_row(y) is not None:
             raise UserError(f"data file {source}: y contains NaN or infinity")
         return _checked_dataset(x, y, None, source, np.float64)
     raise UserError(f"data file {source}: y must be (N,) integer labels or (N, K) float targets, "

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import UserError
+from .fileio import check_output_path, write_atomically
 
 METRICS_FILE = "metrics.jsonl"
 MISSING_MATPLOTLIB = 'plot needs matplotlib: pip install "dptrain[plot]"'
@@ -150,10 +150,7 @@ def plot_runs(runs: list[str | Path], output: str | Path, title: str | None = No
     if kind not in kinds:
         raise UserError(f"--output {output}: unknown image kind {output.suffix or '(no suffix)'!r}; expected "
                         f"{', '.join('.' + k for k in sorted(kinds))}")
-    if output.is_dir():
-        raise UserError(f"--output {output}: is a folder; give a file name such as {output / 'curves.png'}")
-    if not output.parent.is_dir():
-        raise UserError(f"--output {output}: folder {output.parent} does not exist")
+    check_output_path(output, overwrite=True, example="curves.png")
 
     grid = fig.add_gridspec(3, 2, height_ratios=[0.07, 1, 1])
     legend_ax = fig.add_subplot(grid[0, :])  # a strip above the panels for the runs' legend
@@ -172,14 +169,7 @@ def plot_runs(runs: list[str | Path], output: str | Path, title: str | None = No
     if title:
         fig.suptitle(title, fontsize=14, fontweight="bold")
 
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
-        fig.savefig(tmp, format=kind)
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return output
+    return write_atomically(output, lambda fh: fig.savefig(fh, format=kind))
 
 
 def _line(color: str, style: str = "-"):

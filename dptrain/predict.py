@@ -15,25 +15,29 @@ on 1 or N ranks. Rank 0 gathers the outputs in row order and writes the file.
 from __future__ import annotations
 
 import math
-import os
 import re
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from . import data as data_mod
 from .build import build_loss, build_model
-from .checkpoint import Checkpoint, describe_incompatibility, load_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint, restore_model
 from .comm import SingleProcessComm
 from .config import Config, config_from_dict
-from .data import Dataset
+from .data import Dataset, check_features, list_names
 from .errors import UserError
+from .fileio import write_atomically
 from .nn import LOSSES, Sequential
 
 PREDICT_CHUNK = 1024  # rows per forward pass; also the unit in which rows are shared out to the ranks
 FLOAT_FORMAT = "%.8g"  # probabilities and predicted values: 8 significant digits
 _PARAM_NAME = re.compile(r"^layers\.(\d+)\.(\w+)$")
+
+
+def checkpoint_config(ckpt: Checkpoint) -> Config:
+    """The config the checkpoint was trained with (its meta.json), checked."""
+    return config_from_dict(ckpt.meta.get("config", {}), f"checkpoint {ckpt.path / 'meta.json'}")
 
 
 def model_from_checkpoint(ckpt: Checkpoint) -> tuple[Config, Sequential]:
@@ -43,7 +47,7 @@ def model_from_checkpoint(ckpt: Checkpoint) -> tuple[Config, Sequential]:
     ``weight``: Dense (D, units), BatchNorm and LayerNorm (D,)), the output width from the last
     layer's ``weight`` (the output Dense, (in, K)). UserError if the arrays do not fit the config.
     """
-    config = config_from_dict(ckpt.meta.get("config", {}), f"checkpoint {ckpt.path / 'meta.json'}")
+    config = checkpoint_config(ckpt)
     weights = sorted((int(m.group(1)), v.shape) for k, v in ckpt.model.items()
                      if (m := _PARAM_NAME.match(k)) and m.group(2) == "weight" and v.ndim >= 1)
     if not weights or len(weights[-1][1]) != 2:
@@ -51,11 +55,7 @@ def model_from_checkpoint(ckpt: Checkpoint) -> tuple[Config, Sequential]:
                         f"shape (in, K))")
     n_features = int(np.prod(config.data.shape)) if config.data.shape else int(weights[0][1][0])
     model = build_model(config, n_features, int(weights[-1][1][1]), init=False)
-    problem = describe_incompatibility(ckpt, model.state_shapes(), model.dtype)
-    if problem:
-        raise UserError(problem)
-    model.load_params(ckpt.model)
-    return config, model
+    return config, restore_model(ckpt, model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,11 +66,11 @@ def read_features(path: str | Path, n_features: int, dtype=np.float64, drop_colu
     """The feature rows of ``path``, checked against a model taking ``n_features`` values per row
     in ``dtype``.
 
-    path : an .npz holding ``x`` (``y`` and other arrays are ignored), an .npy of shape (N, D)
-    (memory-mapped), or a .csv with a header row and numeric columns (``drop_column``, the
-    config's ``data.target``, is left out if the file has it). Returns an (N, D) array of integers
-    or floats, as stored; UserError naming the file (and row and column) for anything else,
-    including NaN or infinity and values beyond the range of ``dtype``.
+    path : an .npz holding ``x`` (``y`` and other arrays are ignored), an .npy of shape (N, D),
+    both memory-mapped when stored uncompressed, or a .csv with a header row and numeric columns
+    (``drop_column``, the config's ``data.target``, is left out if the file has it). Returns an
+    (N, D) array of integers or floats, as stored; UserError naming the file (and row and
+    column) for anything else, including NaN or infinity and values beyond the range of ``dtype``.
     """
     path = Path(path)
     where = f"input file {path}"
@@ -79,94 +79,45 @@ def read_features(path: str | Path, n_features: int, dtype=np.float64, drop_colu
     if not path.is_file():
         raise UserError(f"{where}: not found")
     suffix = path.suffix.lower()
-    columns = None
     if suffix == ".npz":
-        x = _read_npz_x(path, where)
+        (x,) = data_mod.load_npz_arrays(path, where, keys=("x",), npy_hint=" (give it the suffix .npy)")
     elif suffix == ".npy":
-        try:
-            x = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError, EOFError) as exc:
-            raise UserError(f"{where}: cannot be read as .npy ({exc})") from None
+        x = data_mod.load_npy(path, where)
     elif suffix == ".csv":
-        columns, x = read_csv_columns(path, where)
-        all_columns = columns
-        if drop_column and drop_column in columns:
-            keep = [j for j, name in enumerate(columns) if name != drop_column]
-            columns, x = [columns[j] for j in keep], np.ascontiguousarray(x[:, keep])
+        x = _read_csv_features(path, where, n_features, drop_column)
     else:
         raise UserError(f"{where}: unknown kind {path.suffix or '(no suffix)'!r}; expected .npz (array x), "
                         f".npy (an (N, D) array) or .csv (a header row, then numeric columns)")
-    real = np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
-    if x.ndim != 2 or not real:
-        raise UserError(f"{where}: the features must be a real-valued array of shape (N, D), got {x.dtype} {x.shape}")
-    if len(x) == 0:
-        raise UserError(f"{where}: no rows")
-    if x.shape[1] != n_features:
-        what = f"{x.shape[1]} feature column{'s' if x.shape[1] != 1 else ''}"
-        if columns is not None:
-            left_out = (f"data.target {drop_column!r} left out" if drop_column in all_columns
-                        else f"no data.target column {drop_column!r}" if drop_column
-                        else "the checkpoint's config names no data.target column to leave out")
-            what += f" ({_names(columns)}; {left_out})"
-        raise UserError(f"{where}: {what}, but the model takes {n_features} features per row")
-    bad = _first_non_finite_row(x, np.dtype(dtype))
-    if bad is not None:
-        if not np.isfinite(x[bad]).all():
-            raise UserError(f"{where}: row {bad} (counting from 0) contains NaN or infinity")
-        raise UserError(f"{where}: row {bad} (counting from 0) holds a value beyond the range of "
-                        f"{np.dtype(dtype)}, the model's dtype")
+    check_features(x, where, n_features, dtype)
     return x
 
 
-def _read_npz_x(path: Path, where: str) -> np.ndarray:
-    try:
-        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as archive:
-            if "x" not in archive.files:
-                raise UserError(f"{where}: no array named 'x' (it holds {_names(archive.files) or 'nothing'})")
-            return archive["x"]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise UserError(f"{where}: cannot be read as .npz ({exc})") from None
-
-
-def _names(names: list[str], most: int = 8) -> str:
-    """'a', 'b', 'c', or for many names the first and last few: 'f0', 'f1', 'f2', ..., 'f63', 'label'."""
-    if len(names) <= most:
-        return ", ".join(repr(n) for n in names)
-    half = most // 2
-    return ", ".join([*(repr(n) for n in names[:half]), "...", *(repr(n) for n in names[-half:])])
-
-
-def _first_non_finite_row(x: np.ndarray, dtype: np.dtype) -> int | None:
-    """The first row of ``x`` holding NaN or infinity once converted to ``dtype`` (a value out of
-    its range becomes infinite), reading ``x`` by blocks; None if there is none."""
-    if x.dtype.kind != "f":
-        return None  # integers: finite, and within float32's range
-    for start in range(0, len(x), PREDICT_CHUNK):
-        with np.errstate(over="ignore", invalid="ignore"):
-            block = np.asarray(x[start : start + PREDICT_CHUNK]).astype(dtype)
-        ok = np.isfinite(block).all(axis=1)
-        if not ok.all():
-            return start + int(np.argmin(ok))
-    return None
+def _read_csv_features(path: Path, where: str, n_features: int, drop_column: str) -> np.ndarray:
+    """The feature columns of a CSV file: every column but ``drop_column``; UserError naming the
+    columns if they are not ``n_features``."""
+    all_columns, x = read_csv_columns(path, where)
+    columns = all_columns
+    if drop_column and drop_column in columns:
+        keep = [j for j, name in enumerate(columns) if name != drop_column]
+        columns, x = [columns[j] for j in keep], np.ascontiguousarray(x[:, keep])
+    if x.shape[1] != n_features:
+        left_out = (f"data.target {drop_column!r} left out" if drop_column in all_columns
+                    else f"no data.target column {drop_column!r}" if drop_column
+                    else "the checkpoint's config names no data.target column to leave out")
+        raise UserError(f"{where}: {x.shape[1]} feature column{'s' if x.shape[1] != 1 else ''} "
+                        f"({list_names(columns)}; {left_out}), but the model takes {n_features} features per row")
+    return x
 
 
 def read_csv_columns(path: str | Path, where: str) -> tuple[list[str], np.ndarray]:
     """(column names, values of shape (N, columns) as float64) of a CSV file with a header row,
     read as for ``data.name = "csv"`` (:func:`dptrain.data.read_csv`). A first row made of numbers
     is refused: it is data, so the header is missing; so is a column name given twice."""
-    try:
-        names, values, _ = data_mod.read_csv(path, where, lambda names: _check_header(names, where))
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{where}: is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise UserError(f"{where}: cannot be read ({exc.strerror or exc})") from None
+    names, values, _ = data_mod.read_csv(path, where, lambda names: _check_header(names, where))
     return names, values
 
 
 def _check_header(names: list[str], where: str) -> None:
-    if all(data_mod.is_number(name) for name in names):
-        raise UserError(f"{where}: the first row ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}) "
-                        f"is numbers; expected a header row naming the columns")
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise UserError(f"{where}: column {duplicates[0]!r} appears more than once in the header row")
@@ -233,50 +184,27 @@ def prediction_table(outputs: np.ndarray, loss_name: str) -> tuple[list[str], np
     return names, np.hstack([row, outputs]), ["%d", *[FLOAT_FORMAT] * k]
 
 
-def check_output_path(output: str | Path, overwrite: bool, input_path: str | Path | None = None) -> Path:
-    """The output file, refused (UserError) if it exists without ``overwrite``, is a folder, is
-    the input file, or its folder does not exist."""
-    out = Path(output)
-    if out.is_dir():
-        raise UserError(f"--output {out}: is a folder; give a file name such as {out / 'predictions.csv'}")
-    if not out.parent.is_dir():
-        raise UserError(f"--output {out}: folder {out.parent} does not exist")
-    if out.exists() and input_path is not None and Path(input_path).exists() and out.samefile(input_path):
-        raise UserError(f"--output {out}: is the input file")
-    if out.exists() and not overwrite:
-        raise UserError(f"--output {out}: exists; pass --overwrite to replace it")
-    return out
-
-
 def write_table_csv(path: str | Path, names: list[str], table: np.ndarray, formats: list[str]) -> Path:
-    """Write a CSV atomically: into a hidden temporary file in the same folder, fsync'ed, then
-    renamed, so the output is never seen half-written."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            fh.write(",".join(names) + "\n")
-            np.savetxt(fh, table, fmt=formats, delimiter=",")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    """Write a CSV atomically (:func:`dptrain.fileio.write_atomically`): never seen half-written."""
+
+    def write(fh) -> None:
+        fh.write(",".join(names) + "\n")
+        np.savetxt(fh, table, fmt=formats, delimiter=",")
+
+    return write_atomically(path, write, mode="w")
 
 
 def predict(checkpoint: str | Path | Checkpoint, x: np.ndarray, comm=None) -> tuple[list[str], np.ndarray] | None:
     """The predictions of a checkpoint (a path or a loaded :class:`Checkpoint`) for the rows x.
 
     Returns (column names, table) as ``prediction_table`` gives them on rank 0, None on the
-    other ranks. Collective under MPI: every rank calls it with the same rows.
+    other ranks. Collective under MPI: every rank calls it with the same rows. x is checked as
+    the rows of an input file are (:func:`dptrain.data.check_features`): UserError otherwise.
     """
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, optimizer=False)
     config, model = model_from_checkpoint(ckpt)
     x = np.asarray(x)
-    if x.ndim != 2 or x.shape[1] != model.in_features:
-        raise UserError(f"x of shape {x.shape}: the model takes rows of {model.in_features} features")
+    check_features(x, f"x of shape {x.shape}", model.in_features, model.dtype)
     outputs = predict_outputs(model, x, comm)
     if outputs is None:
         return None
@@ -288,8 +216,9 @@ def predict(checkpoint: str | Path | Checkpoint, x: np.ndarray, comm=None) -> tu
 # Labelled data for `dptrain eval --data`
 
 
-def load_labelled_data(path: str | Path, config: Config, model: Sequential) -> Dataset:
-    """Every row of a labelled data file, checked against the model and converted to its dtype.
+def load_labelled_data(path: str | Path, config: Config, model: Sequential) -> tuple[Dataset, object]:
+    """(every row of a labelled data file, the loss): the data checked against the model and the
+    loss, and converted to the model's dtype.
 
     path : an .npz with ``x`` and ``y`` (or a folder with x.npy and y.npy), as for
     ``data.name = "npz"``; or a .csv with the column ``data.target`` of the checkpoint's config
@@ -298,32 +227,27 @@ def load_labelled_data(path: str | Path, config: Config, model: Sequential) -> D
     """
     path = str(path)
     where = f"data file {path}"
-    loss = LOSSES[config.train.loss]()
     k = model.out_features
+    n_classes = k if LOSSES[config.train.loss].task == "classification" else None
     if path.lower().endswith(".csv"):
         target = getattr(config.data, "target", "")
         if not target:
             raise UserError(f"{where}: a .csv needs the name of its label column, but the checkpoint's config has "
                             f"no data.target (use an .npz with x and y)")
-        dataset = data_mod.load_csv(path, target, labels=loss.task == "classification")
-        if dataset.n_classes is not None and dataset.n_classes > k:
-            raise UserError(f"{where}: class labels must lie in [0, {k}) for the model's {k} outputs, "
-                            f"found {int(np.max(dataset.base_y))} in column {target!r}")
-    elif path.lower().endswith(".npy"):
-        raise UserError(f"{where}: one .npy array holds no labels; use an .npz with x and y, or a .csv")
+        dataset = data_mod.load_csv(path, target, labels=n_classes is not None, n_classes=n_classes)
     else:
-        dataset = data_mod.load_npz(path, n_classes=k if loss.task == "classification" else None)
+        dataset = data_mod.load_npz(path, n_classes=n_classes)
     if dataset.n_features != model.in_features:
         raise UserError(f"{where}: {dataset.n_features} features per row, but the model takes {model.in_features}")
     if dataset.task == "regression" and dataset.n_outputs != k:
         raise UserError(f"{where}: y has {dataset.n_outputs} target column{'s' if dataset.n_outputs != 1 else ''}, "
                         f"but the model has {k} outputs")
-    build_loss(config, dataset)  # the targets suit the loss
-    return dataset.astype(model.dtype).in_memory()
+    loss = build_loss(config, dataset)  # the targets suit the loss
+    return dataset.converted(model.dtype), loss
 
 
 def evaluation_inputs(ckpt: Checkpoint, data_path: str | Path) -> tuple[Sequential, object, Dataset]:
     """(model with the checkpoint's weights, loss, labelled data) to evaluate on another data file."""
     config, model = model_from_checkpoint(ckpt)
-    dataset = load_labelled_data(data_path, config, model)
-    return model, build_loss(config, dataset), dataset
+    dataset, loss = load_labelled_data(data_path, config, model)
+    return model, loss, dataset

@@ -99,3 +99,13 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(tmp_path / "nope")
     with pytest.raises(UserError, match="no meta.json"):
         load_checkpoint(tmp_path)
+
+
+def test_without_the_optimizer_state(tmp_path):
+    """optimizer=False (predict, eval): optimizer.npz is neither hashed nor read; a full load checks it."""
+    path = save_checkpoint(tmp_path, 1, _arrays(0), {"momentum_buffer": np.ones(3)}, {}, keep=1)
+    (path / "optimizer.npz").unlink()
+    ckpt = load_checkpoint(path, optimizer=False)
+    assert ckpt.optimizer == {} and list(ckpt.model) == ["layers.0.weight", "layers.0.bias"]
+    with pytest.raises(UserError, match="optimizer.npz: missing"):
+        load_checkpoint(path)

@@ -144,3 +144,12 @@ def test_launch_passes_shell_metacharacters_verbatim(tmp_path):
     assert result.returncode == 2
     assert "data file $(touch pwned3): not found" in result.stderr
     assert not (tmp_path / "pwned3").exists()
+
+
+def test_launch_is_refused_under_mpirun():
+    """Under mpirun each rank would start its own mpiexec: one line from rank 0, exit 2."""
+    result = dptrain("launch", "-n", "2", "--dry-run", PMI_RANK="0", PMI_SIZE="1")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: launch: run it outside mpirun/mpiexec/srun: it starts or submits the ranks itself"]
+    assert "mpiexec" not in result.stdout  # the command was not printed

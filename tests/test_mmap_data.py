@@ -157,7 +157,7 @@ def test_nan_is_found_by_the_chunked_scan(tmp_path, monkeypatch):
     x, y = arrays()
     x[297, 3] = np.nan
     folder = npy_folder(tmp_path / "nan", x, y)
-    with pytest.raises(UserError, match="x contains NaN or infinity"):
+    with pytest.raises(UserError, match=r"row 297 \(counting from 0\) contains NaN or infinity"):
         load_npz(str(folder))
     x = x.astype(np.float64)
     x[297, 3] = 1e300
@@ -298,3 +298,35 @@ def test_four_ranks_on_a_1gib_file_hold_no_private_copy(tmp_path):
     finally:
         path.unlink(missing_ok=True)
         shutil.rmtree(out, ignore_errors=True)
+
+
+def test_in_memory_data_is_converted_once(monkeypatch):
+    """converted(dtype): the values and errors of astype(dtype).in_memory(), each value converted once."""
+    import dptrain.data
+
+    rng = np.random.default_rng(2)
+    x, y = rng.standard_normal((60, 4)), rng.standard_normal((60, 2))
+    data = Dataset(x, y, None, "arrays").subset(np.arange(5, 55))
+    expected = data.astype(np.float32).in_memory()
+    calls = []
+    convert = dptrain.data._convert
+    monkeypatch.setattr(dptrain.data, "_convert", lambda values, casts: calls.append(1) or convert(values, casts))
+    done = data.converted(np.float32)
+    assert len(calls) == 2  # x and y, once each
+    assert done.dtype == np.float32 and not isinstance(done.x, np.memmap)
+    np.testing.assert_array_equal(done.x, expected.x)
+    np.testing.assert_array_equal(done.y, expected.y)
+    big = Dataset(np.full((2, 2), 1e300), np.zeros(2, dtype=np.int64), 2, "big")
+    for known_finite in (False, True):  # finite in float64 is no promise for float32
+        big._finite = known_finite
+        with pytest.raises(UserError, match="values exceed the range of float32"):
+            big.converted(np.float32)
+
+
+def test_a_mapped_file_stays_a_view_when_converted(tmp_path):
+    x, y = arrays()
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    data = load_npz(str(tmp_path / "d.npz"))
+    done = data.converted(np.float64)
+    assert is_mapped(done.base_x) and done.dtype == np.float64
+    np.testing.assert_array_equal(done.take(np.arange(3))[0], x[:3].astype(np.float64))

@@ -288,7 +288,7 @@ def test_eval_data_errors(tmp_path, digits_run, digits):
     np.savez(tmp_path / "narrow.npz", x=x[:, :60], y=y)
     np.savez(tmp_path / "labels.npz", x=x[:5], y=np.array([0, 1, 2, 3, 10]))
     write_csv(tmp_path / "t.csv", ["a", "label"], np.ones((3, 2)))
-    for name, message in [("x.npy", "holds no labels"), ("narrow.npz", "60 features per row, but the model takes 64"),
+    for name, message in [("x.npy", "is one .npy array, not an .npz with x and y"), ("narrow.npz", "60 features per row, but the model takes 64"),
                           ("labels.npz", "labels must lie in [0, 10)"), ("t.csv", "no data.target"),
                           ("missing.npz", "not found")]:
         line = one_error_line(invoke("eval", "--checkpoint", digits_run, "--data", tmp_path / name))
@@ -357,3 +357,92 @@ def test_plot_without_matplotlib_is_one_line(tmp_path, monkeypatch):
     line = one_error_line(invoke("plot", run, "-o", tmp_path / "c.png"))
     assert line == 'error: plot needs matplotlib: pip install "dptrain[plot]"'
     assert not (tmp_path / "c.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Input files read by the data loaders; the Python API checked as the command is
+
+
+def test_renamed_npy_and_npz_are_one_line_errors(tmp_path, digits_run, digits):
+    x, y = digits
+    np.save(tmp_path / "array.npy", x[:20])
+    (tmp_path / "array.npy").rename(tmp_path / "really-npy.npz")
+    np.savez(tmp_path / "archive.npz", x=x[:20], y=y[:20])
+    (tmp_path / "archive.npz").rename(tmp_path / "really-npz.npy")
+    for name, message in [("really-npy.npz", "is one .npy array, not an .npz with x (give it the suffix .npy)"),
+                          ("really-npz.npy", "is an .npz archive, not one .npy array")]:
+        line = one_error_line(invoke("predict", "--checkpoint", digits_run, "--input", tmp_path / name,
+                                     "--output", tmp_path / "p.csv"))
+        assert line == f"error: input file {tmp_path / name}: {message}"
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_uncompressed_npz_input_is_memory_mapped(tmp_path, digits):
+    from dptrain.predict import read_features
+
+    np.savez(tmp_path / "in.npz", x=digits[0][:30], y=digits[1][:30])
+    x = read_features(tmp_path / "in.npz", 64, np.float32)
+    assert isinstance(x, np.memmap) and x.shape == (30, 64)
+    np.testing.assert_array_equal(x, digits[0][:30])
+
+
+def test_non_utf8_csv_input_says_so(tmp_path, digits_run):
+    (tmp_path / "in.csv").write_bytes("a,b\n\xe9,1\n".encode("latin-1"))
+    line = one_error_line(invoke("predict", "--checkpoint", digits_run, "--input", tmp_path / "in.csv",
+                                 "--output", tmp_path / "p.csv"))
+    assert f"input file {tmp_path / 'in.csv'}: is not UTF-8 text" in line and "save it as UTF-8" in line
+
+
+def test_python_api_checks_x_as_the_command_does(digits_run, digits):
+    from dptrain.errors import UserError
+
+    x = digits[0][:20].copy()
+    with pytest.raises(UserError, match=r"63 feature columns, but the model takes 64 features per row"):
+        predict(digits_run, x[:, :63])
+    x[5, 2] = np.inf
+    with pytest.raises(UserError, match=r"row 5 \(counting from 0\) contains NaN or infinity"):
+        predict(digits_run, x)
+    x[5, 2] = 1e300  # finite in float64, beyond float32 (the model's dtype)
+    with pytest.raises(UserError, match=r"row 5 \(counting from 0\) holds a value beyond the range of float32"):
+        predict(digits_run, x)
+    with pytest.raises(UserError, match=r"no rows"):
+        predict(digits_run, x[:0])
+
+
+def test_eval_data_csv_class_label_beyond_the_outputs_names_the_row(tmp_path, target_run, digits):
+    x, y = digits[0][:5], np.array([0, 1, 12, 3, 4])
+    write_csv(tmp_path / "t.csv", [*(f"pixel{i}" for i in range(64)), "label"], np.hstack([x, y[:, None]]))
+    line = one_error_line(invoke("eval", "--checkpoint", target_run, "--data", tmp_path / "t.csv"))
+    assert line == (f"error: data file {tmp_path / 't.csv'}: row 4, column 'label': class label 12 is out of "
+                    f"range: labels must lie in [0, 10)")
+
+
+def test_predict_and_eval_do_not_need_the_optimizer_state(tmp_path, digits_run, digits):
+    """optimizer.npz is neither hashed nor read to predict or evaluate (resuming still checks it)."""
+    import shutil
+
+    from dptrain.checkpoint import load_checkpoint
+    from dptrain.errors import UserError
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(digits_run / "checkpoints" / "latest", ckpt)
+    (ckpt / "optimizer.npz").write_bytes(b"damaged")
+    np.save(tmp_path / "in.npy", digits[0][:10])
+    result = invoke("predict", "--checkpoint", ckpt, "--input", tmp_path / "in.npy", "--output", tmp_path / "p.csv")
+    assert result.exit_code == 0, result.output
+    np.savez(tmp_path / "test.npz", x=digits[0][:10], y=digits[1][:10])
+    result = invoke("eval", "--checkpoint", ckpt, "--data", tmp_path / "test.npz")
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(ckpt, optimizer=False).optimizer == {}
+    with pytest.raises(UserError, match="optimizer.npz: SHA-256 does not match"):
+        load_checkpoint(ckpt)
+
+
+def test_eval_debug_shows_the_traceback_of_a_setup_error(tmp_path):
+    from dptrain.errors import UserError
+
+    result = invoke("eval", "--checkpoint", tmp_path / "nope", "--debug")
+    assert isinstance(result.exception, UserError) and "not found" in str(result.exception)
+    assert result.exit_code != 2 and "error: " not in result.output  # raised, not reported in one line
+    line = one_error_line(invoke("eval", "--checkpoint", tmp_path / "nope"))
+    assert "not found" in line
