@@ -22,8 +22,8 @@ import click
 from .bench import describe_model, kernel_layers
 from .build import build_parts, build_schedule
 from .checkpoint import step_dirs
-from .cli import CONTEXT, _check_train_args, _common_options, _reports_errors, train
-from .comm import make_comm, refuse_under_mpi
+from .cli import CONTEXT, _agreed_setup, _check_train_args, _common_options, _reports_errors, train
+from .comm import make_comm
 from .config import load_config
 from .data import steps_per_epoch
 from .errors import UserError
@@ -86,14 +86,7 @@ def _echo_once(work, comm_kind: str, debug: bool) -> None:
     prints the text, and a UserError is printed once (by rank 0, or by the rank it differs on)."""
     comm = make_comm(comm_kind, limit_threads=False)
     with comm.fail_fast():
-        error, text = None, ""
-        try:
-            text = work(comm)
-        except UserError as exc:
-            if debug:
-                raise
-            error = exc
-        comm.raise_if_any_failed(error)
+        text = _agreed_setup(comm, debug, lambda: work(comm))
         if comm.rank == 0:
             click.echo(text, nl=False)
 
@@ -134,10 +127,7 @@ def _validate(config_path, overrides, world_size: str | None, comm) -> str:
     config = load_config(config_path, overrides)
     parts = build_parts(config, ranks)
     steps = steps_per_epoch(len(parts.train_set), config.train.batch_size)
-    try:
-        build_schedule(config, steps)
-    except ValueError as exc:  # kept until build_schedule raises the UserError itself
-        raise UserError(f"optim: {exc}") from None
+    build_schedule(config, steps)  # UserError naming the optim keys
     t, o, model = config.train, config.optim, parts.model
     shape = "x".join(str(d) for d in model.in_shape)
     if kernel_layers(model) is not None:  # a Dense/activation stack: "MLP 64-32-10 relu"
@@ -160,8 +150,6 @@ def launch_batch_job(n_ranks, mpirun, dry_run, train_args, *, scheduler, nodes, 
 
     Also reached when ``-n`` is missing, or given with a batch-job option: it then says which mode to use.
     """
-    # under mpirun every rank would write and submit a job: refuse, in one line from rank 0
-    refuse_under_mpi("launch: run it outside mpirun/mpiexec/srun: it starts or submits the ranks itself")
     given = {"--nodes": nodes, "--ranks-per-node": ranks_per_node, "--time": time_limit, "--job-name": job_name,
              "--print": print_script, "--script-out": script_out, "--submit": submit, "--template": template}
     if scheduler is None:

@@ -327,12 +327,9 @@ def _single_thread_private_blas() -> None:
     thread loses nothing. (Where SciPy shares NumPy's BLAS, as with conda, nothing is changed.)
     Done once per process (cached): building a ThreadpoolController scans the loaded libraries.
     """
-    from threadpoolctl import ThreadpoolController
+    from .launcher import single_thread_scipys_own_blas
 
-    for lib in ThreadpoolController().lib_controllers:
-        parts = lib.filepath.replace("\\", "/").split("/")
-        if "scipy.libs" in parts or ("scipy" in parts and ".dylibs" in parts):  # Linux / macOS wheels
-            lib.set_num_threads(1)
+    single_thread_scipys_own_blas()
 
 
 def _in_place_blas(like: np.ndarray):
