@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-LOWER_IS_BETTER = {"val_loss": True, "val_rmse": True, "val_accuracy": False}
+from .evaluation import LOWER_IS_BETTER
 
 
 @dataclass

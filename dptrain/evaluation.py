@@ -18,13 +18,31 @@ from .nn import Loss, Sequential
 
 EVAL_CHUNK = 4096  # samples per forward pass in evaluation, to bound memory
 
+#: The one table of validation metrics: the keys that :func:`evaluate` reports for each loss task,
+#: as the trainer names them ("val_" + key; "n_samples" aside), ...
+VALIDATION_METRICS = {
+    "classification": ("val_loss", "val_accuracy"),
+    "multilabel": ("val_loss", "val_accuracy"),
+    "regression": ("val_loss", "val_rmse", "val_r2"),
+}
+#: ... and for each of them, whether a lower value is better (early stopping, the run summary)
+LOWER_IS_BETTER = {"val_loss": True, "val_accuracy": False, "val_rmse": True, "val_r2": False}
+#: every validation metric, in the order the epoch lines show them
+VALIDATION_KEYS = tuple(LOWER_IS_BETTER)
+
+
+def validation_metrics(task: str) -> tuple[str, ...]:
+    """The validation metrics reported for a loss's ``task`` (an unknown task: its loss only)."""
+    return VALIDATION_METRICS.get(task, ("val_loss",))
+
 
 def evaluate(model: Sequential, loss: Loss, dataset: Dataset, comm=None) -> dict[str, Any]:
     """Exact distributed evaluation: each rank takes a strided share; the sums are allreduced.
 
     Every sample counts once whatever the world size. Returns {"loss": mean loss, "n_samples": N}
     plus "accuracy" (classification; for multi-label, the share of labels right) or, for
-    regression, "rmse" (the square root of the mean loss) and "r2", the coefficient of
+    regression, "rmse" (sqrt(SS_res / (N * k)): the root of the mean squared residual over all
+    samples and output columns, whatever the loss) and "r2", the coefficient of
     determination 1 - SS_res / SS_tot over all samples and output columns: SS_res sums the
     squared residuals, SS_tot the squared deviations of y from its column's mean over the whole
     dataset (for one output column, the usual R^2; for several, scikit-learn's
@@ -64,7 +82,7 @@ def evaluate(model: Sequential, loss: Loss, dataset: Dataset, comm=None) -> dict
     if loss.task in ("classification", "multilabel"):
         result["accuracy"] = sums[1] / n if n else math.nan
     else:
-        result["rmse"] = math.sqrt(mean_loss) if n else math.nan
+        result["rmse"] = math.sqrt(sums[3] / (n * k)) if n and k else math.nan
         result["r2"] = _r2(sums[3], sums[4 : 4 + k], sums[4 + k :], n)
     return result
 

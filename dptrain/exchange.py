@@ -17,7 +17,6 @@ The optimizer never sees any of this: it finds the averaged gradient in ``model.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,12 +37,14 @@ class Bucket:
 FP16_TARGET = 2.0**14  # the largest |sum over ranks| aimed for, well under fp16's 65504
 
 
-def all_finite(values: np.ndarray) -> bool:
-    """True if no NaN or infinity: one BLAS dot product, NaN and inf propagate; an overflow of the
-    dot itself (|values| ~ 1e19 in float32) falls back to an exact elementwise check."""
-    if math.isfinite(np.dot(values, values)):
-        return True
-    return bool(np.isfinite(values).all())
+def first_non_finite(values: np.ndarray) -> int | None:
+    """The index of the first NaN or infinity in ``values`` (an exact elementwise search), or None.
+
+    The trainer calls it only when the dot product of the gradient with itself, which it computes
+    anyway, is not finite: NaN and inf propagate through that sum.
+    """
+    bad = np.flatnonzero(~np.isfinite(values))
+    return int(bad[0]) if len(bad) else None
 
 
 def plan_buckets(model: Sequential, bucket_bytes: int) -> list[Bucket]:
@@ -81,7 +82,7 @@ class GradientExchange:
         self.buckets = plan_buckets(model, bucket_bytes)
         self.overlap = bucket_bytes > 0 and comm.size > 1 and compression == "none"
         self._by_layer = {b.first_layer: b for b in self.buckets}
-        self._peak = np.zeros(1, dtype=np.float64)
+        self._peaks = np.zeros(len(self.buckets), dtype=np.float64)  # fp16: each bucket's largest |value|
         self._started: list[Bucket] = []
         if compression == "fp16" and comm.size > 1:
             for b in self.buckets:
@@ -92,9 +93,10 @@ class GradientExchange:
     # -- during backward ---------------------------------------------------------------------
 
     def layer_done(self, layer_index: int) -> None:
-        """Called by backward after each layer: start the bucket this layer completes, drive progress."""
-        for pending in self._started:
-            pending.pending.test()
+        """Called by backward after each layer: start the bucket this layer completes, drive progress
+        (of the buckets started and not yet complete; finish() waits on every bucket)."""
+        if self._started:
+            self._started = [b for b in self._started if not b.pending.test()]
         bucket = self._by_layer.get(layer_index) if self.overlap else None
         if bucket is not None:
             grads = self.model.grad_buffer[bucket.start : bucket.stop]
@@ -106,13 +108,18 @@ class GradientExchange:
     def finish(self, global_batch_size: int) -> float:
         """Complete every bucket. grad_buffer then holds the gradient SUMMED over the global batch on
         every rank; returns the factor that makes it the mean (1 / global batch size), which the
-        optimizer applies in its own pass (fp16 scales before sending and returns 1)."""
+        optimizer applies in its own pass."""
         grads = self.model.grad_buffer
         if self.comm.size == 1:
             return 1.0 / global_batch_size
         if self.compression == "fp16":
-            for b in self.buckets:
-                self._exchange_fp16(b)
+            peaks = self._peaks
+            for i, b in enumerate(self.buckets):
+                seg = grads[b.start : b.stop]
+                peaks[i] = max(seg.max(), -seg.min()) if len(seg) else 0.0  # no temporary, NaN propagates
+            self.comm.allreduce_max(peaks)  # one small blocking call for all the buckets
+            for b, peak in zip(self.buckets, peaks):
+                self._exchange_fp16(b, float(peak))
             return 1.0 / global_batch_size
         if self.overlap:
             for b in self.buckets:
@@ -125,22 +132,19 @@ class GradientExchange:
             self.comm.allreduce_sum(grads)
         return 1.0 / global_batch_size
 
-    def _exchange_fp16(self, b: Bucket) -> None:
+    def _exchange_fp16(self, b: Bucket, peak: float) -> None:
         """Half-precision transport, sums in the training dtype: Alltoall, local sum, Allgather.
 
-        The bucket is first multiplied by a power of two, the same on every rank, chosen from the
-        largest magnitude on any rank so that the sum over the ranks stays below fp16's maximum
-        (65504) while small gradients stay clear of its subnormals (< 6e-5: imprecise, and ~10x
-        slower to convert). Powers of two scale without rounding; the scale is undone on arrival.
+        The bucket is first multiplied by a power of two, the same on every rank, chosen from
+        ``peak``, its largest magnitude on any rank, so that the sum over the ranks stays below
+        fp16's maximum (65504) while small gradients stay clear of its subnormals (< 6e-5:
+        imprecise, and ~10x slower to convert). Powers of two scale without rounding; the scale is undone on arrival.
         """
         size = self.comm.size
         seg = self.model.grad_buffer[b.start : b.stop]
-        peak = self._peak
-        peak[0] = max(seg.max(), -seg.min()) if len(seg) else 0.0  # no temporary, NaN propagates
-        self.comm.allreduce_max(peak)
         exponent = 0
-        if 0 < peak[0] < np.inf:
-            exponent = int(np.floor(np.log2(FP16_TARGET / (peak[0] * size))))
+        if 0 < peak < np.inf:
+            exponent = int(np.floor(np.log2(FP16_TARGET / (peak * size))))
         scale = 2.0**exponent  # may be NaN/inf-free; a NaN gradient stays NaN and is caught after
         n, block = len(seg), len(b.send16) // size
         seg *= scale
@@ -176,11 +180,15 @@ class ShardedUpdate:
         return 1.0 / global_batch_size
 
     def first_non_finite(self) -> int | None:
-        """Collective: the lowest flat index of a non-finite gradient on any rank, or None."""
+        """Collective: the lowest flat index of a non-finite gradient on any rank, or None.
+
+        An Allgather: the trainer calls it only after the sum of the blocks' squared norms came out
+        NaN or infinite (the same on every rank).
+        """
         local = self.model.n_params
-        if not all_finite(self.grad_block):
-            bad = np.flatnonzero(~np.isfinite(self.grad_block))
-            local = self.lo + int(bad[0]) if len(bad) else local
+        index = first_non_finite(self.grad_block)
+        if index is not None:
+            local = self.lo + index
         lowest = int(self.comm.allgather(np.array([local], dtype=np.int64)).min())
         return None if lowest == self.model.n_params else lowest
 

@@ -20,8 +20,9 @@ epoch's evaluation. Columns, in this order (empty in the CSV and null in the JSO
   classification and multi-label, ``val_loss, val_rmse, val_r2`` for regression, none without
   validation data; filled on epoch rows;
 * ``lr``: the learning rate of the row's last update;
-* ``samples_per_s``: global samples per second of wall time over the row's steps (evaluation and the
-  checkpoint at the end of an epoch excluded); an epoch row repeats the epoch line's value;
+* ``samples_per_s``: global samples per second of wall time over the row's steps (evaluation,
+  checkpoints and parameter sync checks excluded: :attr:`Trainer.totals`); an epoch row repeats the
+  epoch line's value;
 * ``*_ms``: the mean time per step of each phase of the step (:attr:`Trainer.phase_seconds`).
 
 On resume the files are continued: rows after the resumed step (written by the interrupted run after
@@ -41,63 +42,42 @@ from typing import Any
 
 import numpy as np
 
-from .trainer import Callback, Trainer
+from .evaluation import LOWER_IS_BETTER, validation_metrics
+from .trainer import Callback, RunningTotals, Trainer
 
 PHASES = ("forward", "backward", "exchange", "optimizer")  # the order of Trainer.phase_seconds
-VALIDATION_COLUMNS = {
-    "classification": ("val_loss", "val_accuracy"),
-    "multilabel": ("val_loss", "val_accuracy"),
-    "regression": ("val_loss", "val_rmse", "val_r2"),
-}
-LOWER_IS_BETTER = {"val_loss": True, "val_rmse": True, "val_accuracy": False, "val_r2": False}
 METRICS_JSONL, METRICS_CSV, SUMMARY_JSON = "metrics.jsonl", "metrics.csv", "summary.json"
 
 
 def metric_columns(task: str, has_validation: bool = True) -> tuple[str, ...]:
     """The columns of the metrics files for a loss's ``task`` ("classification", "multilabel", "regression")."""
-    validation = VALIDATION_COLUMNS.get(task, ("val_loss",)) if has_validation else ()
+    validation = validation_metrics(task) if has_validation else ()
     return ("kind", "step", "epoch", "train_loss", *validation, "lr", "samples_per_s",
             *(f"{p}_ms" for p in PHASES))
 
 
-def step_samples(trainer: Trainer, step: int) -> int:
-    """Samples in the global batch of optimizer step ``step`` (1-based); the last of an epoch may be short."""
-    k = (step - 1) % trainer.steps_per_epoch
-    return min(trainer.batch_size, len(trainer.train_data) - k * trainer.batch_size)
-
-
 class Window:
-    """What the steps since the last reset add up to: steps, samples, loss, wall time, phase time."""
+    """The steps since the last reset: the trainer's running totals and phase times less marks taken then."""
 
     def __init__(self) -> None:
-        self.steps, self.samples, self.loss_sum, self.seconds = 0, 0, 0.0, 0.0
+        self._mark = RunningTotals()
         self._phase_mark = np.zeros(len(PHASES))
 
-    def reset(self, phase_seconds: np.ndarray) -> None:
-        self.steps, self.samples, self.loss_sum, self.seconds = 0, 0, 0.0, 0.0
-        self._phase_mark = np.array(phase_seconds, dtype=np.float64)
+    def reset(self, trainer: Trainer) -> None:
+        self._mark = trainer.totals.copy()
+        self._phase_mark = np.array(trainer.phase_seconds, dtype=np.float64)
 
-    def add(self, samples: int, loss_sum: float, seconds: float) -> None:
-        self.steps += 1
-        self.samples += samples
-        self.loss_sum += loss_sum
-        self.seconds += seconds
+    def totals(self, trainer: Trainer) -> RunningTotals:
+        """Steps, samples, loss and training seconds since the reset (``train_loss``, ``samples_per_s``)."""
+        return trainer.totals - self._mark
 
-    @property
-    def train_loss(self) -> float:
-        """Mean loss per sample over the window."""
-        return self.loss_sum / self.samples if self.samples else math.nan
-
-    @property
-    def samples_per_s(self) -> float:
-        return self.samples / self.seconds if self.seconds > 0 else math.nan
-
-    def phase_ms(self, phase_seconds: np.ndarray) -> dict[str, float]:
+    def phase_ms(self, trainer: Trainer) -> dict[str, float]:
         """Mean milliseconds per step of each phase over the window."""
-        delta = np.asarray(phase_seconds, dtype=np.float64) - self._phase_mark
+        steps = trainer.totals.steps - self._mark.steps
+        delta = np.asarray(trainer.phase_seconds, dtype=np.float64) - self._phase_mark
         if (delta < 0).any():  # phase_seconds was reset meanwhile (as dptrain bench does)
-            delta = np.asarray(phase_seconds, dtype=np.float64)
-        per_step = delta * 1e3 / self.steps if self.steps else np.full(len(PHASES), math.nan)
+            delta = np.asarray(trainer.phase_seconds, dtype=np.float64)
+        per_step = delta * 1e3 / steps if steps else np.full(len(PHASES), math.nan)
         return {f"{p}_ms": float(v) for p, v in zip(PHASES, per_step)}
 
 
@@ -110,7 +90,9 @@ class MetricsLogger(Callback):
         but :attr:`summary` is still computed).
     every_steps : a step row every N optimizer steps; 0: epoch rows only.
     monitor : the validation metric whose best value the summary reports; None: the early-stopping
-        metric if early stopping is on, else ``val_loss``.
+        metric if early stopping is on, else ``val_loss``. For the early-stopping metric, the best
+        value and epoch are early stopping's own (which counts only improvements by more than its
+        ``min_delta``), so the two never disagree; ``best_by_metric`` holds each metric's extreme.
 
     After fit(), :attr:`summary` holds the summary (rank 0; None on other ranks).
     """
@@ -118,12 +100,14 @@ class MetricsLogger(Callback):
     def __init__(self, out_dir: str | Path | None = None, every_steps: int = 50, monitor: str | None = None) -> None:
         if every_steps < 0:
             raise ValueError(f"every_steps must be >= 0, got {every_steps}")
+        if monitor is not None and monitor not in LOWER_IS_BETTER:
+            raise ValueError(f"monitor must be one of {', '.join(LOWER_IS_BETTER)}, got {monitor!r}")
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.every_steps, self.monitor = every_steps, monitor
         self.columns: tuple[str, ...] = ()
         self.summary: dict[str, Any] | None = None
         self._active = False
-        self._step_window, self._epoch_window = Window(), Window()
+        self._run_window, self._step_window, self._epoch_window = Window(), Window(), Window()
         self._jsonl = self._csv = None
 
     # -- the hooks ------------------------------------------------------------------------------
@@ -133,11 +117,12 @@ class MetricsLogger(Callback):
         if not self._active:
             return
         self.columns = metric_columns(trainer.loss.task, trainer.val_data is not None)
-        self._step_window.reset(trainer.phase_seconds)
-        self._epoch_window.reset(trainer.phase_seconds)
+        self._run_window.reset(trainer)
+        self._step_window.reset(trainer)
+        self._epoch_window.reset(trainer)
         self._best: dict[str, tuple[float, int]] = {}
-        self._start_step, self._samples = trainer.step, 0
-        self._t_begin = self._last = time.perf_counter()
+        self._start_step = trainer.step
+        self._t_begin = time.perf_counter()
         folder = self.out_dir if self.out_dir is not None else trainer.out_dir
         self._folder = folder
         if folder is not None:
@@ -146,17 +131,12 @@ class MetricsLogger(Callback):
     def on_step_end(self, trainer: Trainer, step: int, loss_sum: float) -> None:
         if not self._active:
             return
-        now = time.perf_counter()
-        n, seconds = step_samples(trainer, step), now - self._last
-        self._last = now
-        self._samples += n
-        self._step_window.add(n, loss_sum, seconds)
-        self._epoch_window.add(n, loss_sum, seconds)
         if self.every_steps and step % self.every_steps == 0:
             w = self._step_window
-            self._write({"kind": "step", "step": step, "epoch": trainer.epoch + 1, "train_loss": w.train_loss,
-                         "lr": trainer.lr, "samples_per_s": w.samples_per_s, **w.phase_ms(trainer.phase_seconds)})
-            w.reset(trainer.phase_seconds)
+            done = w.totals(trainer)
+            self._write({"kind": "step", "step": step, "epoch": trainer.epoch + 1, "train_loss": done.train_loss,
+                         "lr": trainer.lr, "samples_per_s": done.samples_per_s, **w.phase_ms(trainer)})
+            w.reset(trainer)
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
         if not self._active:
@@ -164,11 +144,10 @@ class MetricsLogger(Callback):
         row = {k: metrics.get(k) for k in self.columns if k.startswith("val_")}
         row.update(kind="epoch", step=metrics["step"], epoch=epoch, train_loss=metrics["train_loss"],
                    lr=metrics.get("lr"), samples_per_s=metrics.get("samples_per_s"),
-                   **self._epoch_window.phase_ms(trainer.phase_seconds))
+                   **self._epoch_window.phase_ms(trainer))
         self._write(row)
         self._update_best(row)
-        self._epoch_window.reset(trainer.phase_seconds)
-        self._last = time.perf_counter()  # the evaluation is not a step's time
+        self._epoch_window.reset(trainer)
 
     def on_train_end(self, trainer: Trainer) -> None:
         if not self._active:
@@ -242,6 +221,10 @@ class MetricsLogger(Callback):
     def _summarize(self, trainer: Trainer, wall_time: float) -> dict[str, Any]:
         monitor = self._monitored(trainer)
         best = self._best.get(monitor)
+        early = trainer.early_stopping
+        if early is not None and early.metric == monitor:  # early stopping's best, whatever min_delta
+            best = None if math.isnan(early.best) else (early.best, early.best_epoch)
+        samples = self._run_window.totals(trainer).samples
         final = {k: _plain(v) for k, v in trainer.last_metrics.items()
                  if k in ("epoch", "step", "train_loss", "lr") or k.startswith("val_")}
         status = "preempted" if trainer.stopped else "stopped_early" if trainer.stopped_early else "finished"
@@ -256,7 +239,7 @@ class MetricsLogger(Callback):
             "steps": trainer.step,
             "resumed_from_step": self._start_step,
             "wall_time_s": wall_time,
-            "samples_per_s": _plain(self._samples / wall_time if self._samples and wall_time > 0 else math.nan),
+            "samples_per_s": _plain(samples / wall_time if samples and wall_time > 0 else math.nan),
             "world_size": trainer.comm.size,
             "checkpoint": None if trainer.last_checkpoint is None else str(trainer.last_checkpoint),
         }

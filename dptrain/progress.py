@@ -18,11 +18,9 @@ trainer's ``log`` so that its lines do not break the bar::
 from __future__ import annotations
 
 import sys
-import time
 from typing import Callable, TextIO
 
-from .metrics import Window, step_samples
-from .trainer import Callback, Trainer
+from .trainer import Callback, RunningTotals, Trainer
 
 
 class ProgressBar(Callback):
@@ -43,7 +41,8 @@ class ProgressBar(Callback):
         self.every_steps, self.tty, self.echo, self.file = every_steps, tty, echo, file
         self._active = False
         self._bar = None
-        self._line_window, self._epoch_window = Window(), Window()
+        # marks of the trainer's running totals: at the last plain line, at the start of the epoch
+        self._line_mark, self._epoch_mark = RunningTotals(), RunningTotals()
 
     def write(self, line: str) -> None:
         """Print ``line`` above the bar (or plainly when there is none)."""
@@ -60,9 +59,7 @@ class ProgressBar(Callback):
             return
         self._file = self.file if self.file is not None else sys.stdout
         tty = self.tty if self.tty is not None else _isatty(self._file)
-        self._line_window.reset(trainer.phase_seconds)
-        self._epoch_window.reset(trainer.phase_seconds)
-        self._last = time.perf_counter()
+        self._line_mark, self._epoch_mark = trainer.totals.copy(), trainer.totals.copy()
         self._total = trainer.epochs * trainer.steps_per_epoch
         if tty and trainer.step < self._total:
             from tqdm import tqdm
@@ -73,29 +70,24 @@ class ProgressBar(Callback):
     def on_step_end(self, trainer: Trainer, step: int, loss_sum: float) -> None:
         if not self._active:
             return
-        now = time.perf_counter()
-        n, seconds = step_samples(trainer, step), now - self._last
-        self._last = now
         if self._bar is not None:
-            w = self._epoch_window
-            w.add(n, loss_sum, seconds)
-            self._bar.set_postfix_str(f"loss {w.train_loss:.4f}, {w.samples_per_s:,.0f} samples/s", refresh=False)
+            if _redraws_at_next_update(self._bar):  # the postfix is formatted only to be drawn
+                self._set_postfix(trainer)
             self._bar.update(1)
             return
-        w = self._line_window
-        w.add(n, loss_sum, seconds)
         if self.every_steps and step % self.every_steps == 0:
-            self.echo(f"step {step}/{self._total}  epoch {trainer.epoch + 1}  train_loss {w.train_loss:.4f}  "
-                      f"samples/s {w.samples_per_s:,.0f}  lr {trainer.lr:.4g}")
-            w.reset(trainer.phase_seconds)
+            done = trainer.totals - self._line_mark
+            self.echo(f"step {step}/{self._total}  epoch {trainer.epoch + 1}  train_loss {done.train_loss:.4f}  "
+                      f"samples/s {done.samples_per_s:,.0f}  lr {trainer.lr:.4g}")
+            self._line_mark = trainer.totals.copy()
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict) -> None:
         if not self._active:
             return
-        self._epoch_window.reset(trainer.phase_seconds)
         if self._bar is not None:
+            self._set_postfix(trainer)  # the whole epoch's, shown until the next epoch's first redraw
             self._bar.set_description_str(self._description(trainer), refresh=False)
-        self._last = time.perf_counter()  # the evaluation is not a step's time
+        self._epoch_mark = trainer.totals.copy()
 
     def on_train_end(self, trainer: Trainer) -> None:
         if self._bar is not None:
@@ -103,9 +95,22 @@ class ProgressBar(Callback):
             self._bar = None
         self._active = False
 
+    def _set_postfix(self, trainer: Trainer) -> None:
+        """The epoch so far: its mean loss per sample and samples per second (drawn at the next redraw)."""
+        done = trainer.totals - self._epoch_mark
+        self._bar.set_postfix_str(f"loss {done.train_loss:.4f}, {done.samples_per_s:,.0f} samples/s", refresh=False)
+
     @staticmethod
     def _description(trainer: Trainer) -> str:
         return f"epoch {min(trainer.epoch + 1, trainer.epochs)}/{trainer.epochs}"
+
+
+def _redraws_at_next_update(bar) -> bool:
+    """Whether ``bar.update(1)`` will redraw the bar (tqdm's own test: miniters and mininterval)."""
+    if bar.n + 1 - bar.last_print_n < bar.miniters:
+        return False
+    now = bar._time()
+    return now - bar.last_print_t >= bar.mininterval and now >= bar.start_t + bar.delay
 
 
 def _isatty(file) -> bool:

@@ -18,11 +18,13 @@ takes the same decisions. Only rank 0 logs and writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -34,8 +36,8 @@ from .comm import SingleProcessComm
 from .data import Dataset, epoch_order, global_batch, shard, steps_per_epoch
 from .early_stopping import EarlyStopping
 from .errors import DesyncError, DivergenceError, MismatchError
-from .evaluation import evaluate
-from .exchange import GradientExchange, ShardedUpdate, all_finite
+from .evaluation import VALIDATION_KEYS, evaluate
+from .exchange import GradientExchange, ShardedUpdate, first_non_finite
 from .nn import BatchInfo, Loss, Sequential
 from .signals import StopOnSignal
 
@@ -49,6 +51,49 @@ class CheckpointPolicy:
     every_steps: int = 0  # 0 = off
     every_epochs: int = 1  # 0 = off
     keep: int = 3
+
+
+@dataclass
+class RunningTotals:
+    """What the steps of :meth:`Trainer.fit` add up to, updated once per step.
+
+    A callback keeps a :meth:`copy` as a mark and subtracts it later: ``trainer.totals - mark``
+    holds the steps, samples, loss and training seconds since the mark. The loss is summed exactly
+    (a Fraction; NaN and infinite step losses are counted aside), so the mean loss of a window is
+    the same whatever came before it, in a resumed run too.
+    """
+
+    steps: int = 0
+    samples: int = 0
+    loss: Fraction = Fraction(0)  # exact sum of the finite step losses (each summed over its global batch)
+    non_finite: int = 0  # steps whose loss was NaN or infinite (on_nan = "skip")
+    seconds: float = 0.0  # wall time of the steps; evaluation, checkpoints and sync checks excluded
+
+    def add(self, samples: int, loss_sum: float, seconds: float) -> None:
+        """One step of ``samples`` samples whose loss summed to ``loss_sum``, taking ``seconds``."""
+        self.steps += 1
+        self.samples += samples
+        if math.isfinite(loss_sum):
+            self.loss += Fraction(loss_sum)
+        else:
+            self.non_finite += 1
+        self.seconds += seconds
+
+    def copy(self) -> RunningTotals:
+        return replace(self)
+
+    def __sub__(self, mark: RunningTotals) -> RunningTotals:
+        return RunningTotals(self.steps - mark.steps, self.samples - mark.samples, self.loss - mark.loss,
+                             self.non_finite - mark.non_finite, self.seconds - mark.seconds)
+
+    @property
+    def train_loss(self) -> float:
+        """Mean loss per sample (NaN without samples or after a non-finite step loss)."""
+        return float(self.loss) / self.samples if self.samples and not self.non_finite else math.nan
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else math.nan
 
 
 class Callback:
@@ -155,6 +200,9 @@ class Trainer:
         #: when set (by :class:`dptrain.timeline.Timeline`), records the spans of each step's phases,
         #: of evaluations and of checkpoints; None: nothing recorded
         self.timeline = None
+        #: running totals of the steps trained by fit() in this process (see :class:`RunningTotals`)
+        self.totals = RunningTotals()
+        self._clock_mark = 0.0  # perf_counter reading up to which totals.seconds counts
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -167,6 +215,7 @@ class Trainer:
         """
         clock = time.perf_counter
         local = shard(batch_indices, self.comm.rank, self.comm.size)
+        overlap = self.sharded is None and self.exchange.overlap  # buckets start during backward
         if self.accumulate == 1:
             t0 = clock()
             x, y = self.train_data.take(local)
@@ -175,11 +224,11 @@ class Trainer:
             loss_sum, dz = self.loss.value_and_grad(z, y)
             pending = self._post_control(loss_sum)
             t1 = clock()
-            overlap = self.exchange.layer_done if self.sharded is None else None
-            self.model.backward(dz, input_grad=False, after_layer=overlap)
+            self.model.backward(dz, input_grad=False, after_layer=self.exchange.layer_done if overlap else None)
             t2 = clock()
         else:
             t0, loss_sum, forward_s = clock(), 0.0, 0.0
+            last = self.accumulate - 1
             for k, part in enumerate(np.array_split(local, self.accumulate)):
                 tf = clock()
                 x, y = self.train_data.take(part)
@@ -188,21 +237,25 @@ class Trainer:
                 part_loss, dz = self.loss.value_and_grad(z, y)
                 loss_sum += part_loss
                 forward_s += clock() - tf
-                self.model.backward(dz, input_grad=False)
+                self.model.backward(dz, input_grad=False)  # overwrites grad_buffer with this part's
                 if k == 0:
                     self._grad_sum[...] = self.model.grad_buffer
-                else:
+                elif k < last:
                     self._grad_sum += self.model.grad_buffer
-            self.model.grad_buffer[...] = self._grad_sum
+                else:  # the same sum as adding it to _grad_sum (IEEE addition commutes), one pass less
+                    self.model.grad_buffer += self._grad_sum
             pending = self._post_control(loss_sum)
             t2 = clock()
             t1 = t0 + forward_s
-        if self.sharded is None:  # grad_buffer now holds the SUM; grad_scale makes it the mean
-            grad_scale = self.exchange.finish(len(batch_indices))
+        # grad_buffer holds the gradient SUMMED over the global batch; grad_scale makes it the mean
+        grad_scale = 1.0 / len(batch_indices)
+        if self.sharded is None:
+            self.exchange.finish(len(batch_indices))
         else:
-            grad_scale = self.sharded.reduce(len(batch_indices))
-        # blocked in wait() from here: on the buckets started during backward, then on the loss/stop sum
-        tw = t2 if self.exchange.overlap and self.sharded is None else clock()
+            self.sharded.reduce(len(batch_indices))
+        if self.timeline is not None:
+            # blocked in wait() from here: on the buckets started during backward, then on the loss/stop sum
+            tw = t2 if overlap else clock()
         pending.wait()
         t3 = clock()
         control = self._control
@@ -214,7 +267,11 @@ class Trainer:
                 grad_scale *= self._clip_factor(grad_scale)
             (self.optimizer if self.sharded is None else self.sharded).step(grad_scale)
         t4 = clock()
-        self.phase_seconds += (t1 - t0, t2 - t1, t3 - t2, t4 - t3)
+        phase = self.phase_seconds  # in place: no temporary array
+        phase[0] += t1 - t0
+        phase[1] += t2 - t1
+        phase[2] += t3 - t2
+        phase[3] += t4 - t3
         if self.timeline is not None:
             self.timeline.record_step(self.step + 1, t0, t1, t2, tw, t3, t4)
         if problem is not None and self.on_nan == "skip":
@@ -240,12 +297,8 @@ class Trainer:
                 self.sharded.optimizer.lr = lr
 
     def _clip_factor(self, grad_scale: float) -> float:
-        """min(1, clip_norm / global norm of the averaged gradient), the same on every rank
-        (a sharded run sums the squares of its blocks: one small allreduce)."""
-        g = self.model.grad_buffer if self.sharded is None else self.sharded.grad_block
-        self._norm_sq[0] = float(np.dot(g, g))
-        if self.sharded is not None:
-            self.comm.allreduce_sum(self._norm_sq)
+        """min(1, clip_norm / global norm of the averaged gradient), the same on every rank (from the
+        squared norm that :meth:`_non_finite` left in ``_norm_sq``)."""
         norm = math.sqrt(self._norm_sq[0]) * grad_scale
         self.last_grad_norm = norm
         return min(1.0, self.clip_norm / (norm + 1e-6))  # torch's clip_grad_norm_ coefficient
@@ -257,15 +310,26 @@ class Trainer:
         return self.comm.iallreduce_sum(control)
 
     def _non_finite(self, global_loss: float) -> str | None:
-        """None if the loss and the averaged gradient are finite, else what is not (same on all ranks)."""
+        """None if the loss and the summed gradient are finite, else what is not (same on all ranks).
+
+        Collective in a sharded run. After a finite loss, leaves the squared L2 norm of the whole
+        summed gradient in ``_norm_sq``: one dot product (a sharded run sums its blocks' in one
+        small allreduce). NaN and inf propagate through it, so a finite value means a finite
+        gradient; otherwise an exact elementwise search finds the first bad element, or none when
+        only the dot overflowed (|values| ~ 1e19 in float32).
+        """
         if not math.isfinite(global_loss):
             return f"non-finite loss ({global_loss})"
+        g = self.model.grad_buffer if self.sharded is None else self.sharded.grad_block
+        self._norm_sq[0] = float(np.dot(g, g))
+        if self.sharded is not None:
+            self.comm.allreduce_sum(self._norm_sq)
+        if math.isfinite(self._norm_sq[0]):
+            return None
         if self.sharded is not None:  # each rank holds a block of the gradient: agree on the first bad index
             index = self.sharded.first_non_finite()
         else:
-            index = None
-            if not all_finite(self.model.grad_buffer):
-                index = int(np.flatnonzero(~np.isfinite(self.model.grad_buffer))[0])
+            index = first_non_finite(self.model.grad_buffer)
         if index is None:
             return None
         spec = next(s for s in self.model.param_specs if s.offset <= index < s.offset + s.size)
@@ -386,35 +450,37 @@ class Trainer:
             cb.on_train_begin(self)
         # NaN and overflow are detected per step (_non_finite) and reported once, not as NumPy warnings
         with self._signals if self.stop_on_signals else _nothing(), np.errstate(all="ignore"):
+            self._clock_mark = time.perf_counter()
             while self.epoch < self.epochs and not self.stopped and not self.stopped_early:
                 epoch = self.epoch
                 order = epoch_order(len(self.train_data), self.seed, epoch, self.shuffle)
-                t0, n_seen = time.perf_counter(), 0
+                epoch_mark = self.totals.copy()
                 for k in range(self.step - epoch * self.steps_per_epoch, self.steps_per_epoch):
                     batch = global_batch(order, k, self.batch_size)
                     step_loss, stop = self.train_step(batch)
                     self.step += 1
                     self.epoch_loss_sum += step_loss
-                    n_seen += len(batch)
+                    self._count_step(len(batch), step_loss)
                     for cb in self.callbacks:
                         cb.on_step_end(self, self.step, step_loss)
                     if self.check_sync_every and self.step % self.check_sync_every == 0:
-                        self.check_sync()
+                        with self._clock_stopped():
+                            self.check_sync()
                     if stop:
                         self.stopped, self.stop_requests = True, stop
                         break
                     # a step checkpoint at the end of an epoch waits for the epoch's metrics (below)
                     if self._due(policy.every_steps, self.step) and k < self.steps_per_epoch - 1:
-                        self.save_checkpoint()
+                        with self._clock_stopped():
+                            self.save_checkpoint()
                 if self.stopped and self.step < (epoch + 1) * self.steps_per_epoch:
                     break  # stopped mid-epoch: the epoch resumes from here
-                train_time = time.perf_counter() - t0
-                metrics = self._end_epoch(n_seen, train_time)
-                history.append(metrics)
-                if self.check_sync_every == 0:
-                    self.check_sync()
-                if self._due(policy.every_epochs, self.epoch) or self._due(policy.every_steps, self.step):
-                    self.save_checkpoint()
+                with self._clock_stopped():  # evaluation, the epoch's callbacks and checkpoint
+                    history.append(self._end_epoch(self.totals - epoch_mark))
+                    if self.check_sync_every == 0:
+                        self.check_sync()
+                    if self._due(policy.every_epochs, self.epoch) or self._due(policy.every_steps, self.step):
+                        self.save_checkpoint()
             if not self._saved_at_this_step():
                 self.save_checkpoint()
         if self.stopped and self._log is not None:
@@ -424,11 +490,28 @@ class Trainer:
             cb.on_train_end(self)
         return history
 
-    def _end_epoch(self, n_seen: int, train_time: float) -> dict[str, Any]:
+    def _count_step(self, samples: int, loss_sum: float) -> None:
+        """Add the step just done to :attr:`totals`, with the time since the last step's."""
+        now = time.perf_counter()
+        self.totals.add(samples, loss_sum, now - self._clock_mark)
+        self._clock_mark = now
+
+    @contextlib.contextmanager
+    def _clock_stopped(self):
+        """The training clock (``totals.seconds``) does not run over the body."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._clock_mark += time.perf_counter() - start
+
+    def _end_epoch(self, done: RunningTotals) -> dict[str, Any]:
+        """The epoch's metrics (``done``: its steps in this process), evaluation, early stopping, hooks."""
         self.epoch += 1
+        train_time = done.seconds
         metrics: dict[str, Any] = {"epoch": self.epoch, "step": self.step,
                                    "train_loss": self.epoch_loss_sum / len(self.train_data),
-                                   "samples_per_s": n_seen / train_time if train_time > 0 else math.inf,
+                                   "samples_per_s": done.samples / train_time if train_time > 0 else math.inf,
                                    "epoch_time_s": train_time, "skipped_steps": self.skipped_steps}
         self.epoch_loss_sum = 0.0
         if self.val_data is not None:
@@ -462,7 +545,7 @@ class Trainer:
             return
         width = len(str(self.epochs))
         parts = [f"epoch {m['epoch']:>{width}}/{self.epochs}", f"step {m['step']}", f"train_loss {m['train_loss']:.4f}"]
-        for key in ("val_loss", "val_accuracy", "val_rmse", "val_r2"):
+        for key in VALIDATION_KEYS:
             if key in m:
                 parts.append(f"{key} {m[key]:.4f}")
         parts.append(f"samples/s {m['samples_per_s']:,.0f}")
@@ -495,8 +578,7 @@ class Trainer:
                 "world_size": self.comm.size,  # for the record only
                 "dtype": str(self.model.dtype),
                 "config": self.config,
-                "metrics": {k: v for k, v in self.last_metrics.items() if k in
-                            ("train_loss", "val_loss", "val_accuracy", "val_rmse", "val_r2")},
+                "metrics": {k: v for k, v in self.last_metrics.items() if k == "train_loss" or k in VALIDATION_KEYS},
                 "params": {name: list(shape) for name, shape in self.model.state_shapes().items()},
             }
             path = save_checkpoint(self.out_dir / "checkpoints", self.step, self.model.state_arrays(),

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -163,6 +164,37 @@ def test_phase_columns_add_up_to_the_trainers_phase_seconds(tmp_path):
     assert sum(r["forward_ms"] * 7 for r in epoch_rows) == pytest.approx(trainer.phase_seconds[0] * 1e3, rel=1e-9)
 
 
+def test_step_rows_and_epochs_exclude_checkpoint_time(tmp_path, monkeypatch):
+    """A checkpoint (here one that takes 0.2 s) is not a step's time: neither the step rows'
+    samples_per_s nor the epochs' time include it, also for the first row after an epoch's checkpoint."""
+    from dptrain import trainer as trainer_module
+
+    write = trainer_module.Trainer.save_checkpoint
+    pause = 0.2
+
+    def slow_save_checkpoint(self):
+        time.sleep(pause)
+        return write(self)
+
+    monkeypatch.setattr(trainer_module.Trainer, "save_checkpoint", slow_save_checkpoint)
+    recorder = Recorder()
+    trainer = api_trainer(tmp_path, [recorder, MetricsLogger(every_steps=3)], epochs=3)  # 7 steps per epoch
+    trainer.checkpoint_policy = CheckpointPolicy(every_steps=2, every_epochs=1, keep=100)
+    trainer.fit()
+    assert len(list((tmp_path / "checkpoints").glob("step-*"))) >= 12  # the pauses happened
+    step_rows = [r for r in read_rows(tmp_path) if r["kind"] == "step"]
+    assert [r["step"] for r in step_rows] == [3, 6, 9, 12, 15, 18, 21]  # 9 and 15: the first rows after an epoch
+    samples = {s: 4 if s % 7 == 0 else 16 for s in range(1, 22)}
+    previous = 0
+    for row in step_rows:
+        seconds = sum(samples[s] for s in range(previous + 1, row["step"] + 1)) / row["samples_per_s"]
+        assert seconds < pause, row
+        previous = row["step"]
+    for metrics in recorder.epochs:
+        assert metrics["epoch_time_s"] < pause and metrics["samples_per_s"] == 100 / metrics["epoch_time_s"]
+    assert trainer.totals.steps == 21 and trainer.totals.samples == 300 and trainer.totals.seconds < 3 * pause
+
+
 def test_columns_follow_the_task(tmp_path):
     assert metric_columns("regression")[4:7] == ("val_loss", "val_rmse", "val_r2")
     assert metric_columns("multilabel")[4:6] == ("val_loss", "val_accuracy")
@@ -210,13 +242,19 @@ def test_summary_json_has_the_best_metric_final_metrics_and_the_run(tmp_path, co
 def test_summary_records_early_stopping_and_preemption(tmp_path):
     from dptrain import EarlyStopping
 
-    trainer = api_trainer(tmp_path / "early", [MetricsLogger()], epochs=5,
-                          early_stopping=EarlyStopping(patience=1, metric="val_accuracy", min_delta=10.0))
+    early = EarlyStopping(patience=1, metric="val_accuracy", min_delta=10.0)
+    trainer = api_trainer(tmp_path / "early", [MetricsLogger()], epochs=5, early_stopping=early)
     trainer.fit()
     summary = json.loads((tmp_path / "early" / "summary.json").read_text())
     assert summary["stopped_early"] and summary["status"] == "stopped_early" and summary["epochs"] == 2
-    best = max((r for r in read_rows(tmp_path / "early") if r["kind"] == "epoch"), key=lambda r: r["val_accuracy"])
-    assert summary["best"] == {"metric": "val_accuracy", "value": best["val_accuracy"], "epoch": best["epoch"]}
+    rows = [r for r in read_rows(tmp_path / "early") if r["kind"] == "epoch"]
+    # the best as early stopping counts it (no improvement by more than min_delta after epoch 1) ...
+    assert summary["best"] == {"metric": "val_accuracy", "value": early.best, "epoch": early.best_epoch}
+    assert (early.best, early.best_epoch) == (rows[0]["val_accuracy"], 1)
+    # ... while best_by_metric holds each metric's extreme (here higher in epoch 2)
+    best = max(rows, key=lambda r: r["val_accuracy"])
+    assert rows[1]["val_accuracy"] > rows[0]["val_accuracy"]
+    assert summary["best_by_metric"]["val_accuracy"] == {"value": best["val_accuracy"], "epoch": best["epoch"]}
 
     stop = StopOnSignal()
 
@@ -233,6 +271,18 @@ def test_summary_records_early_stopping_and_preemption(tmp_path):
     assert summary["preempted"] and summary["status"] == "preempted" and summary["steps"] == 4
     assert summary["checkpoint"].endswith("step-00000004") and summary["best"] is None  # no epoch finished
     assert [r["step"] for r in read_rows(tmp_path / "stop")] == [2, 4]
+
+
+def test_monitor_and_early_stopping_take_their_metrics_from_the_evaluation_table():
+    from dptrain import EarlyStopping
+    from dptrain.evaluation import LOWER_IS_BETTER, VALIDATION_KEYS, VALIDATION_METRICS
+
+    assert set(VALIDATION_KEYS) == {k for keys in VALIDATION_METRICS.values() for k in keys} == set(LOWER_IS_BETTER)
+    EarlyStopping(patience=1, metric="val_r2")  # every validation metric can be monitored
+    with pytest.raises(ValueError, match="val_loss, val_accuracy, val_rmse, val_r2"):
+        EarlyStopping(patience=1, metric="val_recall")
+    with pytest.raises(ValueError, match="monitor must be one of"):
+        MetricsLogger(monitor="val_recall")
 
 
 def test_an_api_run_without_a_run_folder_writes_nothing_but_has_a_summary(tmp_path, monkeypatch):
@@ -335,6 +385,30 @@ def test_progress_bar_on_a_terminal_shows_epoch_loss_and_samples_per_second(tmp_
     assert "epoch 1/2" in text and "14/14" in text and "samples/s" in text and "loss " in text
     assert "epoch 2/2  step 14  train_loss" in text  # an epoch line, printed above the bar
     assert "step 2/14" not in text  # no plain lines with a bar
+
+
+def test_progress_bar_formats_its_postfix_only_to_draw_it(tmp_path, monkeypatch):
+    from tqdm import tqdm
+
+    screen = io.StringIO()
+    bar = ProgressBar(tty=True, file=screen)
+    postfixes = []
+    set_postfix_str = tqdm.set_postfix_str
+
+    def counted(self, s="", refresh=True):
+        postfixes.append(s)
+        return set_postfix_str(self, s, refresh)
+
+    monkeypatch.setattr(tqdm, "set_postfix_str", counted)
+
+    class NoRedraws(Callback):  # after the bar's on_train_begin: no redraw for an hour
+        def on_train_begin(self, trainer):
+            bar._bar.mininterval = 3600
+
+    api_trainer(tmp_path, [bar, NoRedraws()], epochs=2, log=bar.write).fit()
+    assert len(postfixes) == 2  # once per epoch: its totals, shown when the bar is closed
+    assert postfixes[-1].startswith("loss ") and postfixes[-1].endswith(" samples/s")
+    assert postfixes[-1] in screen.getvalue()
 
 
 def test_progress_and_metrics_stay_off_other_ranks(tmp_path):

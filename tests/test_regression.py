@@ -56,6 +56,39 @@ def test_r2_matches_a_direct_computation(n_out):
     assert result["n_samples"] == 300
 
 
+class HalfSquaredError(MeanSquaredError):
+    """A regression loss other than the MSE: half of it."""
+
+    def value(self, z, y):
+        return 0.5 * super().value(z, y)
+
+
+def test_rmse_is_the_root_mean_squared_residual_whatever_the_loss():
+    data = _data(200, 4, 2)
+    model = _model(4, 2)
+    z = model.forward(data.x, train=False)
+    result = evaluate(model, HalfSquaredError(), data)
+    assert result["loss"] == pytest.approx(0.5 * np.mean((data.y - z) ** 2), rel=1e-12)
+    assert result["rmse"] == pytest.approx(np.sqrt(np.mean((data.y - z) ** 2)), rel=1e-12)
+
+
+def test_evaluate_reports_the_metrics_of_the_table():
+    """evaluation.VALIDATION_METRICS, which metrics files, early stopping and logs follow, is what evaluate gives."""
+    from dptrain import BCEWithLogits
+    from dptrain.evaluation import VALIDATION_METRICS
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((20, 3))
+    cases = {"regression": (MeanSquaredError(), rng.standard_normal((20, 3)), None),
+             "classification": (SoftmaxCrossEntropy(), rng.integers(0, 3, 20), 3),
+             "multilabel": (BCEWithLogits(), rng.integers(0, 2, (20, 3)).astype(np.float64), None)}
+    assert set(cases) == set(VALIDATION_METRICS)
+    for task, (loss, y, n_classes) in cases.items():
+        assert loss.task == task
+        result = evaluate(_model(3, 3), loss, Dataset(x, y, n_classes, task))
+        assert tuple(f"val_{k}" for k in result if k != "n_samples") == VALIDATION_METRICS[task]
+
+
 def test_r2_of_predicting_the_mean_is_zero():
     data = _data(50, 2, 1)
     model = Sequential([Dense(1)], (2,), dtype=np.float64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import textwrap
 
@@ -149,3 +150,78 @@ def test_agreeing_ranks_in_separate_folders_train(tmp_path):
     result = run([MPIEXEC, "-n", "1", "-wdir", str(tmp_path / "a"), *command, ":",
                   "-n", "1", "-wdir", str(tmp_path / "b"), *command], timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+SHARDED_NAN_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from dptrain import Dense, ReLU, SGD, Sequential, SoftmaxCrossEntropy, Trainer, make_comm
+    from dptrain.data import make_synthetic
+    from dptrain.errors import DivergenceError
+
+    comm = make_comm()
+
+    class NaNAt(Dense):
+        '''On one rank, at backward call 3, a NaN at flat index ``at`` of the gradient of ``param``.'''
+
+        def __init__(self, out_features, rank, param, at):
+            super().__init__(out_features)
+            self.rank, self.param, self.at, self.calls = rank, param, at, 0
+
+        def backward(self, dy, input_grad=True):
+            dx = super().backward(dy, input_grad)
+            self.calls += 1
+            if comm.rank == self.rank and self.calls == 3:
+                self.grads[self.param].reshape(-1)[self.at] = np.nan
+            return dx
+
+    # 67 parameters in blocks [0, 22), [22, 44), [44, 67): layers.0.weight[25] is rank 1's, layers.2.bias
+    # rank 2's; the NaNs come from ranks 2 and 0, and rank 0's own block stays finite
+    data = make_synthetic(64, 4, 3, seed=0)
+    model = Sequential([NaNAt(8, 2, "weight", 25), ReLU(), NaNAt(3, 0, "bias", 1)], 4, dtype=np.float64)
+    model.init_params(np.random.default_rng(0))
+    trainer = Trainer(model, SoftmaxCrossEntropy(), SGD(model.param_buffer, model.grad_buffer, lr=0.1), data,
+                      batch_size=16, epochs=2, comm=comm, shard_optimizer=True, clip_norm=float(sys.argv[1]),
+                      log=None)
+    try:
+        trainer.fit()
+    except DivergenceError as exc:
+        with open(f"{sys.argv[2]}/rank{comm.rank}.txt", "w") as fh:  # a file each: stderr lines may interleave
+            fh.write(f"error: {exc}")
+        sys.exit(3)
+""")
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("clip_norm", ["0", "1"])
+def test_sharded_nan_gradient_names_the_lowest_bad_parameter_on_every_rank(tmp_path, clip_norm):
+    script = tmp_path / "nan.py"
+    script.write_text(SHARDED_NAN_SCRIPT)
+    result = run([MPIEXEC, "-n", "3", sys.executable, str(script), clip_norm, str(tmp_path)], timeout=60)
+    assert result.returncode == 3
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(3)]
+    expected = ("error: non-finite gradient in layers.0.weight (Dense(8, init=he)) at step 3 (epoch 1); "
+                "no checkpoint written for it (set train.on_nan = \"skip\" to skip such steps)")
+    assert messages == [expected] * 3
+
+
+def test_an_overflowing_squared_norm_alone_is_not_a_non_finite_gradient():
+    """float32 gradients near 1e20 are finite though their squares overflow: the exact search clears them,
+    and clipping then scales the update to nothing (norm inf)."""
+    data = make_synthetic(16, 4, 3, seed=0).astype(np.float32)
+    model = Sequential([Dense(3)], 4, dtype=np.float32)
+    model.init_params(np.random.default_rng(0))
+    before = model.param_buffer.copy()
+    trainer = Trainer(model, SoftmaxCrossEntropy(), SGD(model.param_buffer, model.grad_buffer, lr=0.1), data,
+                      batch_size=16, epochs=1, clip_norm=1.0, log=None)
+    original = model.backward
+
+    def huge_backward(dz, **kwargs):
+        out = original(dz, **kwargs)
+        model.grad_buffer[:] = 1e20
+        return out
+
+    model.backward = huge_backward
+    trainer.fit()
+    assert trainer.skipped_steps == 0 and trainer.last_grad_norm == math.inf
+    assert np.array_equal(model.param_buffer, before)  # scaled by clip_norm / inf = 0
