@@ -45,6 +45,7 @@ from .errors import CollectiveError, ExitQuietly, UserError
 from .launcher import build_command, describe_threads, find_mpiexec, thread_setup
 from .nn import Dense, ReLU, Sigmoid, Tanh
 from .sysinfo import blas_info, cpu_info, openmp_threads, thread_pools
+from .trainer import PHASES
 
 REFERENCE_PER_RANK_BATCH = 256
 REFERENCE_BATCHES = 4  # the synthetic reference data holds this many global batches; steps cycle over them
@@ -56,7 +57,6 @@ REFERENCE_SETTINGS = (
     "optim.nesterov=false", "optim.weight_decay=0.0",
 )
 ROUNDS = 5  # the timed steps alternate between trainer and kernel in this many rounds
-PHASES = ("forward", "backward", "exchange", "optimizer")  # the order of Trainer.phase_seconds
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from .metrics import MetricsLogger, summary_line
 from .progress import ProgressBar
 from .signals import StopOnSignal
 from .timeline import Timeline
-from .evaluation import evaluate
+from .evaluation import VALIDATION_KEYS, evaluate
 from .predict import checkpoint_config, evaluation_inputs
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -252,7 +252,7 @@ def _train(comm, config_path, overrides, out, overwrite, resume, debug, stop_sig
         raise ExitQuietly(EXIT_REQUEUE)
     if comm.rank == 0:
         last = trainer.last_metrics
-        keys = ("val_loss", "val_accuracy", "val_rmse", "val_r2")
+        keys = VALIDATION_KEYS
         summary = ", ".join(f"{k} {last[k]:.4f}" for k in keys if k in last)
         summary = summary or f"train_loss {last.get('train_loss', math.nan):.4f}"
         click.echo(f"done in {time.perf_counter() - t0:.1f} s: {summary}; {summary_line(metrics.summary)}; "

@@ -22,6 +22,7 @@ else:  # pragma: no cover
 import numpy as np
 
 from .errors import UserError
+from .evaluation import VALIDATION_KEYS, validation_metrics
 from .nn import ACTIVATIONS, LOSSES
 from .optim import OPTIMIZERS, hyperparameter_names
 from .schedules import SCHEDULES, scaled_lr
@@ -30,7 +31,7 @@ DATASETS = ("digits", "synthetic", "npz", "csv", "diabetes")
 ACTIVATION_NAMES = tuple(ACTIVATIONS)  # the choices of model.activation, train.loss and optim.name
 LOSS_NAMES = tuple(LOSSES)
 OPTIMIZER_NAMES = tuple(OPTIMIZERS)
-MONITORED_METRICS = ("val_loss", "val_accuracy", "val_rmse")
+MONITORED_METRICS = VALIDATION_KEYS
 DTYPES = ("float32", "float64")
 COMPRESSIONS = ("none", "fp16")
 MAX_WIDTH = 2**20  # layer widths, features and classes: beyond this a typo, not a model
@@ -352,9 +353,10 @@ def validate(config: Config, where: str = "config") -> None:
         fail("early_stopping.min_delta", f"must be >= 0, got {e.min_delta}")
     if e.patience and d.val_fraction == 0:
         fail("early_stopping.patience", "needs validation data: set data.val_fraction > 0")
-    if e.patience and e.metric != "val_loss" and (e.metric == "val_rmse") != (t.loss == "mse"):
-        fail("early_stopping.metric", f"{e.metric!r} is not reported with train.loss = {t.loss!r} (val_rmse goes "
-             f"with mse, val_accuracy with cross_entropy and bce_with_logits)")
+    reported = validation_metrics(LOSSES[t.loss].task)
+    if e.patience and e.metric not in reported:
+        fail("early_stopping.metric", f"{e.metric!r} is not reported with train.loss = {t.loss!r} (it reports "
+             f"{', '.join(reported)})")
     if t.accumulate < 1:
         fail("train.accumulate", f"must be >= 1, got {t.accumulate}")
     if not (config.comm.bucket_mb >= 0 and math.isfinite(config.comm.bucket_mb)):

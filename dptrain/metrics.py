@@ -43,9 +43,8 @@ from typing import Any
 import numpy as np
 
 from .evaluation import LOWER_IS_BETTER, validation_metrics
-from .trainer import Callback, RunningTotals, Trainer
+from .trainer import PHASES, Callback, RunningTotals, Trainer
 
-PHASES = ("forward", "backward", "exchange", "optimizer")  # the order of Trainer.phase_seconds
 METRICS_JSONL, METRICS_CSV, SUMMARY_JSON = "metrics.jsonl", "metrics.csv", "summary.json"
 
 

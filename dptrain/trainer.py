@@ -53,6 +53,9 @@ class CheckpointPolicy:
     keep: int = 3
 
 
+PHASES = ("forward", "backward", "exchange", "optimizer")  # the order of Trainer.phase_seconds
+
+
 @dataclass
 class RunningTotals:
     """What the steps of :meth:`Trainer.fit` add up to, updated once per step.
@@ -162,7 +165,7 @@ class Trainer:
             raise ValueError(f"accumulate must be >= 1, got {accumulate}")
         if not clip_norm >= 0:
             raise ValueError(f"clip_norm must be >= 0, got {clip_norm}")
-        if accumulate > 1 and any(getattr(layer, "syncs_batch_statistics", False) for layer in model.layers):
+        if accumulate > 1 and any(layer.syncs_batch_statistics for layer in model.layers):
             raise ValueError("accumulate > 1 cannot be used with BatchNorm: its statistics need the whole global batch")
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.train_data, self.val_data = train_data, val_data if val_data is not None and len(val_data) else None
