@@ -24,7 +24,17 @@ def find_mpiexec() -> str | None:
 
 
 MPIEXEC = find_mpiexec()
-needs_mpiexec = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on this machine")
+#: the marks of a test that runs mpiexec: `pytest -m "not mpi"` leaves it out (the fast loop)
+MPI_MARKS = (pytest.mark.mpi, pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on this machine"))
+#: set by conftest.py for each test: whether it carries the mpi mark (run() refuses mpiexec otherwise)
+current_test_is_mpi = True
+
+
+def needs_mpiexec(test):
+    """Decorator of a test that runs mpiexec: marked ``mpi``, skipped where there is no mpiexec."""
+    for mark in MPI_MARKS:
+        test = mark(test)
+    return test
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -35,6 +45,8 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 def run(argv: list[str], timeout: float = TIMEOUT, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+    if argv and argv[0] == MPIEXEC and not current_test_is_mpi:
+        raise AssertionError("this test runs mpiexec: decorate it with @needs_mpiexec (the mpi mark)")
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=subprocess_env(**env))
 
 

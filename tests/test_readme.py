@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from helpers import MPIEXEC, REPO, needs_mpiexec, run
+from helpers import MPIEXEC, REPO, MPI_MARKS, run
 
 
 def _api_example() -> str:
@@ -16,7 +16,7 @@ def _api_example() -> str:
     return blocks[0]
 
 
-@pytest.mark.parametrize("ranks", [None, pytest.param(2, marks=needs_mpiexec)])
+@pytest.mark.parametrize("ranks", [None, pytest.param(2, marks=MPI_MARKS)])
 def test_api_example_runs(tmp_path, ranks):
     script = tmp_path / "example.py"
     script.write_text(_api_example())

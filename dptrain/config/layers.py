@@ -1,0 +1,114 @@
+"""``model.layers`` tables of a config -> layer objects, with errors that name the table and key.
+
+Each table has a ``type`` and that type's keys, e.g.::
+
+    [model]
+    layers = [
+      {type = "conv2d", filters = 16, kernel = 3, padding = 1},
+      {type = "batchnorm"},
+      {type = "relu"},
+      {type = "maxpool2d", pool = 2},
+      {type = "flatten"},
+      {type = "dense", units = 64},
+      {type = "dropout", rate = 0.25},
+    ]
+
+The output layer is added by :func:`dptrain.app.build.build_model`, as for ``model.hidden``: a Dense
+layer as wide as the classes or target columns, after a Flatten if the last shape is not flat.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from dptrain.errors import UserError
+from dptrain.nn import conv, dropout, norm
+from dptrain.nn import layers as L
+from dptrain.nn.conv import as_pair
+
+
+@dataclass(frozen=True)
+class Key:
+    """One key of a layer table: its kind ("int", "float", "size" = an int or a pair of ints, or
+    a tuple of allowed strings), whether it is required, and the constructor argument it feeds."""
+
+    kind: Any
+    required: bool = False
+    arg: str | None = None  # the constructor's name for it, if not the same
+
+
+#: the keys of the activations (of ``dptrain.nn.ACTIVATIONS``) that take arguments
+_ACTIVATION_KEYS = {"leaky_relu": {"negative_slope": Key("float")}}
+
+
+def layer_tables() -> dict[str, tuple[Callable[..., L.Layer], dict[str, Key]]]:
+    """{type: (the layer class, {key: Key})} of every layer a ``model.layers`` table can make."""
+    init = Key(L.INITS)
+    pool = {"pool": Key("size", required=True), "stride": Key("size")}
+    return {
+        "dense": (L.Dense, {"units": Key("int", True, arg="out_features"), "init": init, "bias": Key("bool")}),
+        "conv2d": (conv.Conv2D, {"filters": Key("int", True), "kernel": Key("size", True), "stride": Key("size"),
+                                 "padding": Key("size"), "init": init, "bias": Key("bool")}),
+        "maxpool2d": (conv.MaxPool2D, pool),
+        "avgpool2d": (conv.AvgPool2D, pool),
+        "flatten": (conv.Flatten, {}),
+        "batchnorm": (norm.BatchNorm, {"momentum": Key("float"), "eps": Key("float")}),
+        "layernorm": (norm.LayerNorm, {"eps": Key("float")}),
+        "dropout": (dropout.Dropout, {"rate": Key("float", True)}),
+        **{name: (cls, _ACTIVATION_KEYS.get(name, {})) for name, cls in L.ACTIVATIONS.items()},
+    }
+
+
+def _value(kind: Any, value: Any, key: str) -> Any:
+    def bad(expected: str) -> UserError:
+        return UserError(f"{key} must be {expected}, got {value!r}")
+
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif kind == "int":
+        if not is_int:
+            raise bad("an integer")
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        value = float(value)
+    elif kind == "size":  # the layer checks the range
+        try:
+            as_pair(value, key)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    elif value not in kind:
+        raise bad("one of " + ", ".join(repr(k) for k in kind))
+    return value
+
+
+def make_layer(table: dict[str, Any], index: int, seed: int = 0) -> L.Layer:
+    """The layer of ``model.layers[index]``; UserError naming the key for anything wrong.
+
+    Dropout gets ``seed`` and its index as the salt of its masks, so two Dropout layers never
+    share a mask and a run's masks depend only on the config.
+    """
+    where = f"model.layers[{index}]"
+    types = layer_tables()
+    kind = table.get("type")
+    if not isinstance(kind, str) or kind not in types:
+        raise UserError(f"{where}.type is {kind!r}; expected one of {', '.join(sorted(types))}")
+    factory, keys = types[kind]
+    unknown = [k for k in table if k != "type" and k not in keys]
+    if unknown:
+        raise UserError(f"{where}: unknown key {unknown[0]!r} for type {kind!r} "
+                        f"(known: {', '.join(keys) or 'none'})")
+    missing = [k for k, spec in keys.items() if spec.required and k not in table]
+    if missing:
+        raise UserError(f"{where}: type {kind!r} needs {missing[0]!r}")
+    kwargs = {(spec.arg or k): _value(spec.kind, table[k], f"{where}.{k}")
+              for k, spec in keys.items() if k in table}
+    if kind == "dropout":
+        kwargs.update(seed=seed, salt=index)
+    try:
+        return factory(**kwargs)
+    except ValueError as exc:
+        raise UserError(f"{where} ({kind}): {exc}") from None

@@ -1,0 +1,24 @@
+"""Datasets and their readers: npz/npy (memory-mapped), CSV, and the built-in sets. No sampler here:
+which samples each rank takes is :mod:`dptrain.parallel.sampler`'s. Imports no other dptrain package
+but :mod:`dptrain.errors`.
+
+    from dptrain.data import load_digits, split_train_val, steps_per_epoch
+"""
+
+from .arrays import load_npy, load_npz, load_npz_arrays
+from .builtin import load_diabetes, load_digits, make_synthetic
+from .csv_files import is_number, load_csv, read_csv
+from .dataset import (
+    MAX_CLASSES,
+    Dataset,
+    RowView,
+    check_features,
+    first_non_finite_row,
+    list_names,
+    split_train_val,
+    steps_per_epoch,
+)
+
+__all__ = ["MAX_CLASSES", "Dataset", "RowView", "check_features", "first_non_finite_row", "is_number", "list_names",
+           "load_csv", "load_diabetes", "load_digits", "load_npy", "load_npz", "load_npz_arrays", "make_synthetic",
+           "read_csv", "split_train_val", "steps_per_epoch"]

@@ -1,0 +1,71 @@
+"""The run folder: which one (``--out`` or a new ``runs/<date-time>``), whether training may go into it
+(``--overwrite``, ``--resume``), which checkpoint ``--resume auto`` continues, and setting it up.
+Rank 0 calls these; the other ranks get the answer by broadcast."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from dptrain.errors import UserError
+
+from .checkpoint import Checkpoint, check_compatible, clean_stale_temporaries, load_checkpoint, step_dirs
+
+
+def default_out_dir(base: Path = Path("runs")) -> Path:
+    """``runs/<date-time>``, with ``-2``, ``-3`` ... added when that folder exists."""
+    first = base / time.strftime("%Y%m%d-%H%M%S")
+    out, i = first, 1
+    while out.exists():
+        i += 1
+        out = first.with_name(f"{first.name}-{i}")
+    return out
+
+
+def choose_out_dir(out: str | None, overwrite: bool, resume: str | None) -> Path:
+    """The run folder, refused if training there would replace an earlier run's checkpoints unasked."""
+    if resume == "auto" and not out:
+        raise UserError("--resume auto needs --out, the run folder to continue")
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other: choose one")
+    path = Path(out) if out else default_out_dir()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path}: exists and is not a folder")
+    if step_dirs(path / "checkpoints") and not overwrite and not resume:
+        raise UserError(f"--out {path}: already holds checkpoints of an earlier run; pass --resume auto to "
+                        f"continue it, --overwrite to replace it, or choose another folder")
+    return path
+
+
+def find_checkpoint(resume: str, out_dir: Path, model, info: Callable[[str], None],
+                    warn: Callable[[str], None]) -> Checkpoint | None:
+    """The checkpoint to resume from, verified and matching ``model``: the one at ``resume``, or for
+    "auto" the newest valid one of ``out_dir`` (damaged ones are skipped with a warning), or None."""
+
+    def compatible(ckpt: Checkpoint) -> Checkpoint:
+        check_compatible(ckpt, model)
+        return ckpt
+
+    if resume != "auto":
+        return compatible(load_checkpoint(resume))
+    for candidate in reversed(step_dirs(out_dir / "checkpoints")):
+        try:
+            ckpt = load_checkpoint(candidate)
+        except UserError as exc:
+            warn(f"warning: skipping damaged checkpoint {candidate}: {exc}")
+            continue
+        return compatible(ckpt)
+    info(f"no checkpoint in {out_dir / 'checkpoints'}: starting fresh")
+    return None
+
+
+def set_up_out_dir(out_dir: Path, overwrite: bool, config_toml: str) -> None:
+    """Make the run folder ready: with ``overwrite`` the old checkpoints go, temporaries of a killed
+    writer go, and the resolved config is written as ``config.toml``."""
+    if overwrite and (out_dir / "checkpoints").is_dir():
+        shutil.rmtree(out_dir / "checkpoints")
+    clean_stale_temporaries(out_dir / "checkpoints")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.toml").write_text(config_toml, encoding="utf-8")

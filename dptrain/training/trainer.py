@@ -1,0 +1,369 @@
+"""The data-parallel training loop: epochs of steps, evaluation, checkpoints, callbacks.
+
+The step itself, on every rank, is :class:`dptrain.training.step.TrainingStep` (read it first).
+Step counts, evaluation, checkpoints, stopping and every check derive from (epoch, step) and from
+values summed over all ranks, so every rank makes the same collective calls in the same order and
+takes the same decisions. Only rank 0 logs and writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from dptrain._version import __version__
+from dptrain.data import Dataset, steps_per_epoch
+from dptrain.errors import DivergenceError
+from dptrain.nn import Loss, Sequential
+from dptrain.parallel.agreement import check_agreement, check_sync
+from dptrain.parallel.comm import SingleProcessComm
+from dptrain.parallel.sampler import epoch_order, global_batch
+from dptrain.runtime.signals import StopOnSignal
+from dptrain.storage.checkpoint import Checkpoint, save_checkpoint
+
+from .callback import Callback
+from .checkpoint_policy import CheckpointPolicy
+from .early_stopping import EarlyStopping
+from .evaluation import VALIDATION_KEYS, evaluate
+from .state import TrainingState, checkpoint_meta
+from .step import PHASES, StepTimes, TrainingStep
+from .totals import RunningTotals
+
+__all__ = ["PHASES", "Callback", "CheckpointPolicy", "RunningTotals", "Trainer"]
+
+
+class Trainer:
+    """Train ``model`` on ``train_data`` with data parallelism over ``comm``.
+
+    Parameters
+    ----------
+    batch_size : the GLOBAL batch size, split across ranks; the last batch of an epoch may be partial.
+    epochs : number of passes over ``train_data``.
+    seed, shuffle : the epoch order is a pure function of (seed, epoch).
+    comm : a communicator from :mod:`dptrain.parallel.comm` (default: single process).
+    out_dir : run folder; rank 0 writes ``out_dir/checkpoints``. None: no checkpoints.
+    config : the resolved config as a plain dict, recorded in each checkpoint's meta.json and
+        compared across ranks before step 0.
+    on_nan : "error" stops at a NaN/inf loss or gradient (DivergenceError); "skip" skips that update.
+    check_sync_every : compare a checksum of the parameters across ranks every N steps; 0: each epoch.
+    accumulate : micro-batches per optimizer step: each rank's share of a global batch is processed in
+        ``accumulate`` parts whose gradients are summed, then exchanged once (less memory per pass).
+    bucket_mb, compression : how gradients are exchanged (see :mod:`dptrain.parallel.exchange`).
+    shard_optimizer : ZeRO stage 1, each rank holds 1/world of the optimizer state
+        (:class:`dptrain.optim.ShardedUpdate`); checkpoints still hold the whole state.
+    lr_schedule : ``lr_schedule(step)`` gives the learning rate of optimizer step ``step`` (0-based),
+        set on the optimizer before each update (see :mod:`dptrain.optim.schedules`); None: keep its lr.
+    clip_norm : scale the averaged gradient down to this global L2 norm when it is larger
+        (computed after the exchange, so the same on every rank); 0: no clipping.
+    early_stopping : an :class:`EarlyStopping` checked after each epoch's evaluation; None: off.
+    stop_on_signals : stop at the next step boundary on SIGTERM, SIGUSR1 or SIGINT (main thread only);
+        pass a :class:`StopOnSignal` already entered to also catch signals that arrive before fit().
+    log : called with one line per epoch, on rank 0 only.
+    """
+
+    def __init__(self, model: Sequential, loss: Loss, optimizer, train_data: Dataset,
+                 val_data: Dataset | None = None, *, batch_size: int, epochs: int, seed: int = 0,
+                 shuffle: bool = True, comm=None, out_dir: str | Path | None = None,
+                 checkpoint: CheckpointPolicy = CheckpointPolicy(), config: dict | None = None,
+                 on_nan: str = "error", check_sync_every: int = 0, accumulate: int = 1,
+                 bucket_mb: float = 4.0, compression: str = "none", shard_optimizer: bool = False,
+                 lr_schedule: Callable[[int], float] | None = None, clip_norm: float = 0.0,
+                 early_stopping: EarlyStopping | None = None, stop_on_signals: bool | StopOnSignal = True,
+                 callbacks: Sequence[Callback] = (), log: Callable[[str], None] | None = print) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        if on_nan not in ("error", "skip"):
+            raise ValueError(f"on_nan must be 'error' or 'skip', got {on_nan!r}")
+        if check_sync_every < 0:
+            raise ValueError(f"check_sync_every must be >= 0, got {check_sync_every}")
+        self.model, self.loss, self.optimizer = model, loss, optimizer
+        self.train_data, self.val_data = train_data, val_data if val_data is not None and len(val_data) else None
+        self.batch_size, self.epochs, self.seed, self.shuffle = batch_size, epochs, seed, shuffle
+        self.comm = comm if comm is not None else SingleProcessComm()
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.checkpoint_policy = checkpoint
+        self.config = config or {}
+        self.on_nan, self.check_sync_every, self.early_stopping = on_nan, check_sync_every, early_stopping
+        self.stop_on_signals = stop_on_signals
+        self._signals = stop_on_signals if isinstance(stop_on_signals, StopOnSignal) else StopOnSignal()
+        self.step_fn = TrainingStep(model, loss, optimizer, train_data, self.comm, accumulate=accumulate,
+                                    bucket_mb=bucket_mb, compression=compression, shard_optimizer=shard_optimizer,
+                                    lr_schedule=lr_schedule, clip_norm=clip_norm,
+                                    stop_requested=lambda: self._signals.requested)
+        self.callbacks = list(callbacks)
+        self._log = log if self.comm.rank == 0 else None
+        self.steps_per_epoch = steps_per_epoch(len(train_data), batch_size)
+        self.step = 0  # global optimizer steps done
+        self.epoch = 0  # epochs completed
+        self.epoch_loss_sum = 0.0  # loss summed over all ranks and the steps done in this epoch
+        self.skipped_steps = 0  # updates skipped for a non-finite loss or gradient (on_nan = "skip")
+        self.last_metrics: dict[str, Any] = {}
+        self.last_checkpoint: Path | None = None
+        self.stopped = False  # fit() returned early because a stop signal reached some rank
+        self.stop_requests = 0  # how many ranks had received a stop signal when it stopped
+        self._agreed = False  # check_agreement() has passed
+        #: running totals of the steps trained by fit() in this process (see :class:`RunningTotals`)
+        self.totals = RunningTotals()
+        self._clock_mark = 0.0  # perf_counter reading up to which totals.seconds counts
+
+    # -- what callbacks read ----------------------------------------------------------------
+
+    @property
+    def phase_seconds(self) -> np.ndarray:
+        """Seconds spent in each of PHASES over every step so far (never reset: subtract a copy)."""
+        return self.step_fn.phase_seconds
+
+    @property
+    def last_step_times(self) -> StepTimes | None:
+        """The perf_counter marks of the last step's phases."""
+        return self.step_fn.last_times
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the last update (or of the next one, before any)."""
+        return self.step_fn.lr
+
+    @property
+    def last_grad_norm(self) -> float:
+        """The global norm of the last averaged gradient, when clipping (NaN otherwise)."""
+        return self.step_fn.guard.last_grad_norm
+
+    @property
+    def stopped_early(self) -> bool:
+        """Early stopping ended the run (also after resuming a run that had stopped early)."""
+        return self.early_stopping is not None and self.early_stopping.stopped
+
+    # -- one step, evaluation, agreement ------------------------------------------------------
+
+    def train_step(self, batch_indices: np.ndarray) -> tuple[float, int]:
+        """One optimizer step on a global batch (:class:`TrainingStep`); does not advance ``step``.
+
+        Returns (loss summed over the whole global batch, number of ranks asking to stop), the
+        same on every rank. A non-finite loss or gradient raises DivergenceError on every rank
+        (or skips the update with on_nan = "skip").
+        """
+        loss_sum, stop, problem = self.step_fn(self.step, batch_indices)
+        if problem is not None and self.on_nan == "skip":
+            self.skipped_steps += 1
+        elif problem is not None:
+            raise DivergenceError(f"{problem} at step {self.step + 1} (epoch {self.epoch + 1}); "
+                                  f"no checkpoint written for it (set train.on_nan = \"skip\" to skip such steps)")
+        return loss_sum, stop
+
+    def evaluate(self, dataset: Dataset) -> dict[str, Any]:
+        """Exact distributed evaluation of the model on ``dataset`` (collective)."""
+        return evaluate(self.model, self.loss, dataset, self.comm)
+
+    def check_agreement(self) -> None:
+        """Before step 0: every rank must hold the same config, data and model shapes (collective).
+
+        Called by resume() and fit() (once): before any collective whose size depends on them.
+        """
+        if not self._agreed:
+            check_agreement(self.comm, self.config, self.train_data, self.val_data, self.model)
+            self._agreed = True
+
+    def check_sync(self) -> None:
+        """Compare a checksum of every rank's parameters; DesyncError names the ranks that differ."""
+        check_sync(self.comm, self.model, self.step)
+
+    def broadcast_parameters(self) -> None:
+        """Make every rank start from rank 0's parameters and layer buffers."""
+        self.comm.broadcast(self.model.param_buffer, root=0)
+        self.comm.broadcast(self.model.state_buffer, root=0)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Train until ``epochs`` epochs are done or a signal asks to stop.
+
+        Returns one metrics dict per epoch completed in this call (the same on every rank). After
+        a stop signal, a checkpoint is written and ``stopped`` is True.
+        """
+        self.check_agreement()
+        self.broadcast_parameters()
+        history = []
+        policy = self.checkpoint_policy
+        self._dispatch("on_train_begin")
+        # NaN and overflow are detected per step (GradientGuard) and reported once, not as NumPy warnings
+        signals = self._signals if self.stop_on_signals else contextlib.nullcontext()
+        with signals, np.errstate(all="ignore"):
+            self._clock_mark = time.perf_counter()
+            while self.epoch < self.epochs and not self.stopped and not self.stopped_early:
+                epoch = self.epoch
+                order = epoch_order(len(self.train_data), self.seed, epoch, self.shuffle)
+                epoch_mark = self.totals.copy()
+                for k in range(self.step - epoch * self.steps_per_epoch, self.steps_per_epoch):
+                    batch = global_batch(order, k, self.batch_size)
+                    step_loss, stop = self.train_step(batch)
+                    self.step += 1
+                    self.epoch_loss_sum += step_loss
+                    self._count_step(len(batch), step_loss)
+                    self._dispatch("on_step_end", self.step, step_loss)
+                    if self.check_sync_every and self.step % self.check_sync_every == 0:
+                        with self._clock_stopped():
+                            self.check_sync()
+                    if stop:
+                        self.stopped, self.stop_requests = True, stop
+                        break
+                    # a step checkpoint at the end of an epoch waits for the epoch's metrics (below)
+                    if _due(policy.every_steps, self.step) and k < self.steps_per_epoch - 1:
+                        with self._clock_stopped():
+                            self.save_checkpoint()
+                if self.stopped and self.step < (epoch + 1) * self.steps_per_epoch:
+                    break  # stopped mid-epoch: the epoch resumes from here
+                with self._clock_stopped():  # evaluation, the epoch's callbacks and checkpoint
+                    history.append(self._end_epoch(self.totals - epoch_mark))
+                    if self.check_sync_every == 0:
+                        self.check_sync()
+                    if _due(policy.every_epochs, self.epoch) or _due(policy.every_steps, self.step):
+                        self.save_checkpoint()
+            if not self._saved_at_this_step():
+                self.save_checkpoint()
+        if self.stopped and self._log is not None:
+            self._log(f"stop signal received by {self.stop_requests} of {self.comm.size} rank(s): stopped after "
+                      f"step {self.step}; checkpoint {self.last_checkpoint}")
+        self._dispatch("on_train_end")
+        return history
+
+    def _dispatch(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
+
+    def _count_step(self, samples: int, loss_sum: float) -> None:
+        """Add the step just done to :attr:`totals`, with the time since the last step's."""
+        now = time.perf_counter()
+        self.totals.add(samples, loss_sum, now - self._clock_mark)
+        self._clock_mark = now
+
+    @contextlib.contextmanager
+    def _clock_stopped(self):
+        """The training clock (``totals.seconds``) does not run over the body."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._clock_mark += time.perf_counter() - start
+
+    def _end_epoch(self, done: RunningTotals) -> dict[str, Any]:
+        """The epoch's metrics (``done``: its steps in this process), evaluation, early stopping, hooks."""
+        self.epoch += 1
+        train_time = done.seconds
+        metrics: dict[str, Any] = {"epoch": self.epoch, "step": self.step,
+                                   "train_loss": self.epoch_loss_sum / len(self.train_data),
+                                   "samples_per_s": done.samples / train_time if train_time > 0 else float("inf"),
+                                   "epoch_time_s": train_time, "skipped_steps": self.skipped_steps}
+        self.epoch_loss_sum = 0.0
+        if self.val_data is not None:
+            start = time.perf_counter()
+            val = self.evaluate(self.val_data)
+            self._dispatch("on_span", "evaluation", self.step, start, time.perf_counter())
+            metrics.update({f"val_{k}": v for k, v in val.items() if k != "n_samples"})
+        metrics["lr"] = self.lr
+        if self.early_stopping is not None and self.early_stopping.update(self.epoch, metrics):
+            metrics["early_stop"] = True
+        self.last_metrics = metrics
+        if self._log is not None:
+            self._log(epoch_line(metrics, self.epochs))
+            if metrics.get("early_stop"):
+                e = self.early_stopping
+                self._log(f"early stopping after epoch {self.epoch}: {e.metric} has not improved for {e.patience} "
+                          f"epoch{'s' if e.patience > 1 else ''} (best {e.best:.4f} at epoch {e.best_epoch})")
+        self._dispatch("on_epoch_end", self.epoch, metrics)
+        return metrics
+
+    # -- checkpoints and resume -------------------------------------------------------------
+
+    def _saved_at_this_step(self) -> bool:
+        return self.last_checkpoint is not None and self.last_checkpoint.name == f"step-{self.step:08d}"
+
+    def state(self) -> TrainingState:
+        """The position of the run now (what a checkpoint records besides the arrays)."""
+        early = self.early_stopping
+        return TrainingState(self.step, self.epoch, self.epoch_loss_sum, self.skipped_steps,
+                             int(self.step_fn.stepping_optimizer.steps),
+                             *((early.best, early.best_epoch, early.bad_epochs, early.stopped) if early else ()))
+
+    def save_checkpoint(self) -> Path | None:
+        """Rank 0 writes a checkpoint of the current step (other ranks only record the name).
+
+        Nothing in it depends on the world size, so it resumes on any number of ranks.
+        """
+        if self.out_dir is None:
+            return None
+        start = time.perf_counter()
+        path = self.out_dir / "checkpoints" / f"step-{self.step:08d}"
+        sharded = self.step_fn.sharded
+        state = self.optimizer.state_dict() if sharded is None else sharded.gather_state()  # collective
+        if self.comm.rank == 0:
+            meta = checkpoint_meta(
+                self.state(), steps_per_epoch=self.steps_per_epoch, lr=self.lr,
+                early_stopping=self.early_stopping.state() if self.early_stopping is not None else {},
+                world_size=self.comm.size, dtype=str(self.model.dtype), config=self.config,
+                metrics={k: v for k, v in self.last_metrics.items() if k == "train_loss" or k in VALIDATION_KEYS},
+                params=self.model.state_shapes(), version=__version__)
+            path = save_checkpoint(self.out_dir / "checkpoints", self.step, self.model.state_arrays(),
+                                   state, meta, self.checkpoint_policy.keep)
+        self.last_checkpoint = path
+        self._dispatch("on_span", "checkpoint", self.step, start, time.perf_counter())
+        return path
+
+    def resume(self, checkpoint: Checkpoint | None) -> bool:
+        """Continue from ``checkpoint`` (needed on rank 0 only; collective). Returns False for None.
+
+        Rank 0 restores the parameters, the optimizer state and the position (step, epoch, the
+        loss so far in the epoch) and broadcasts them, so other ranks need not see the file.
+        """
+        self.check_agreement()
+        present = np.zeros(1 + TrainingState.size(), dtype=np.float64)  # [present, *TrainingState]
+        if self.comm.rank == 0 and checkpoint is not None:
+            present[0], present[1:] = 1, TrainingState.from_meta(checkpoint.meta).to_array()
+            self.model.load_params(checkpoint.model)
+            self.optimizer.load_state_dict(checkpoint.optimizer)
+            self.last_metrics = dict(checkpoint.meta.get("metrics", {}))
+        self.comm.broadcast(present)
+        if present[0] == 0:
+            return False
+        self.comm.broadcast(self.model.param_buffer)
+        self.comm.broadcast(self.model.state_buffer)
+        optimizer_state = self.optimizer.state_dict()  # the full state: rank 0's holds the checkpoint's
+        for array in optimizer_state.values():
+            self.comm.broadcast(array)
+        sharded = self.step_fn.sharded
+        if sharded is not None:
+            sharded.load_state(optimizer_state)
+        state = TrainingState.from_array(present[1:])
+        self.step, self.epoch, self.epoch_loss_sum = state.step, state.epoch, state.epoch_loss_sum
+        self.skipped_steps = state.skipped_steps
+        self.optimizer.steps = state.optimizer_steps
+        if sharded is not None:
+            sharded.optimizer.steps = state.optimizer_steps
+        if self.early_stopping is not None:
+            self.early_stopping.load_state(state.early_stopping_state())
+        self.step_fn.set_lr(max(self.step - 1, 0))  # the lr of the last update, as reported before the stop
+        if self.out_dir is not None:
+            self.last_checkpoint = self.out_dir / "checkpoints" / f"step-{self.step:08d}"
+        return True
+
+
+def _due(every: int, count: int) -> bool:
+    return every > 0 and count % every == 0
+
+
+def epoch_line(m: dict[str, Any], epochs: int) -> str:
+    """The line logged after each epoch, e.g. "epoch  3/30  step 69  train_loss 0.3056  val_loss ..."."""
+    width = len(str(epochs))
+    parts = [f"epoch {m['epoch']:>{width}}/{epochs}", f"step {m['step']}", f"train_loss {m['train_loss']:.4f}"]
+    for key in VALIDATION_KEYS:
+        if key in m:
+            parts.append(f"{key} {m[key]:.4f}")
+    parts.append(f"samples/s {m['samples_per_s']:,.0f}")
+    if m["skipped_steps"]:
+        parts.append(f"skipped_steps {m['skipped_steps']}")
+    return "  ".join(parts)

@@ -1,0 +1,210 @@
+"""`dptrain bench`: the report's shape and arithmetic, the table, errors, and -n over mpiexec.
+
+Tiny workloads only; nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from helpers import REPO, dptrain, needs_mpiexec
+
+from dptrain.app.bench import BareKernel, format_table, kernel_layers, make_report, parse_ranks
+from dptrain.cli import main
+from dptrain.parallel.comm import SingleProcessComm
+from dptrain.errors import UserError
+from dptrain.nn import Dense, Layer, ReLU, Sequential, Tanh
+
+TINY = ["--steps", "3", "--warmup", "1", "--per-rank-batch", "16", "--set", "model.hidden=[32,32]"]
+PHASES = ("forward", "backward", "exchange", "optimizer")
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, ["bench", *args], catch_exceptions=False)
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+
+
+def check_run(run: dict, ranks: int, global_batch: int) -> None:
+    assert run["ranks"] == ranks and run["global_batch"] == global_batch
+    assert 1 <= run["ranks_per_node"] <= ranks
+    for key in ("samples_per_s", "step_ms", "elapsed_s"):
+        assert positive(run[key]), key
+    assert run["samples_per_s"] == pytest.approx(run["steps"] * global_batch / run["elapsed_s"])
+    assert run["step_ms"] == pytest.approx(run["elapsed_s"] / run["steps"] * 1e3)
+    phases = run["phases_ms"]
+    assert set(phases) == set(PHASES)
+    assert all(isinstance(phases[p], float) and phases[p] >= 0 for p in PHASES)
+    assert phases["forward"] > 0 and phases["backward"] > 0 and phases["optimizer"] > 0
+    # the phases are parts of the step (averaged over ranks; rank 0 times the step): allow timer jitter
+    assert sum(phases.values()) <= run["step_ms"] * 1.05 + 0.05
+    kernel = run["kernel"]
+    assert positive(kernel["samples_per_s"]) and positive(kernel["step_ms"])
+    assert kernel["local_batch"] == global_batch // ranks
+    assert run["overhead_pct"] == pytest.approx(100 * (run["step_ms"] - kernel["step_ms"]) / run["step_ms"])
+    rss = run["peak_rss_mb"]
+    assert len(rss["per_rank"]) == ranks and all(positive(v) for v in rss["per_rank"])
+    assert rss["max"] == max(rss["per_rank"])
+    assert isinstance(run["threads_per_rank"], int) and run["threads_per_rank"] >= 1
+    assert run["threads_set_by"]
+    assert isinstance(run["mpi"], str) and run["mpi"]
+
+
+def check_report(report: dict) -> None:
+    assert {"workload", "runs", "threads_per_rank", "blas", "mpi", "machine"} <= set(report)
+    assert report["threads_per_rank"] == {str(r["ranks"]): r["threads_per_rank"] for r in report["runs"]}
+    blas = report["blas"]
+    assert blas is not None and {"internal_api", "architecture", "num_threads"} <= set(blas)
+    assert positive(report["machine"]["cores"])
+    one = [r for r in report["runs"] if r["ranks"] == 1]
+    for run in report["runs"]:  # efficiency = samples/s at N / (N x samples/s at 1), from the same report
+        expected = run["samples_per_s"] / (run["ranks"] * one[0]["samples_per_s"]) if one else None
+        assert run["efficiency"] == pytest.approx(expected)
+
+
+def test_reference_json_in_place():
+    result = invoke(*TINY, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    check_report(report)
+    w = report["workload"]
+    assert w["name"] == "reference" and w["model"] == "MLP 784-32-32-10 relu"
+    assert w["n_params"] == 785 * 32 + 33 * 32 + 33 * 10
+    assert w["dtype"] == "float32" and w["loss"] == "cross_entropy"
+    assert w["optimizer"]["name"] == "sgd" and w["optimizer"]["momentum"] == 0.9 and w["optimizer"]["lr"] == 0.01
+    assert w["batch"] == {"per_rank": 16} and w["steps"] == 3 and w["warmup"] == 1
+    assert w["overrides"] == ["model.hidden=[32,32]"]
+    [run] = report["runs"]
+    check_run(run, ranks=1, global_batch=16)
+    assert run["efficiency"] == 1.0
+    assert run["mpi"].startswith("none")
+
+
+def test_table_output():
+    result = invoke(*TINY)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("workload: reference: MLP 784-32-32-10 relu")
+    assert "16 samples per rank per step" in lines[0] and "3 timed steps after 1 warmup" in lines[0]
+    assert lines[1].startswith("machine: ") and "BLAS" in lines[1] and "threads per rank" in lines[1]
+    assert "kernels" in lines[1]  # the BLAS kernel (threadpoolctl's architecture)
+    header = lines[2].split()
+    assert header[:3] == ["ranks", "samples/s", "step"] and "efficiency" in header and "overhead" in header
+    row = lines[3].split()
+    assert row[0] == "1" and row[-1] == "1.00" and len(lines) == 4
+
+
+def test_a_config_workload_uses_its_global_batch():
+    config = str(REPO / "configs" / "digits_mlp.toml")
+    result = invoke("--config", config, "--set", "model.hidden=[16]", "--steps", "3", "--warmup", "1", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    w = report["workload"]
+    assert w["name"] == config and w["model"] == "MLP 64-16-10 relu" and w["data"]["source"] == "digits"
+    assert w["batch"] == {"global": 64}
+    check_run(report["runs"][0], ranks=1, global_batch=64)
+    # --per-rank-batch turns it into B samples per rank
+    result = invoke("--config", config, "--set", "model.hidden=[16]", "--steps", "2", "--warmup", "0",
+                    "--per-rank-batch", "8", "--json")
+    report = json.loads(result.stdout)
+    assert report["workload"]["batch"] == {"per_rank": 8} and report["runs"][0]["global_batch"] == 8
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "model.hidden=[0]"], "model.hidden[0]"),
+    (["--set", "nonsense.key=1"], "unknown key nonsense"),
+    (["-n", "1,x"], "-n 1,x"),
+    (["-n", "0"], "-n 0"),
+    (["--mpirun", "mpiexec"], "--mpirun is used with -n only"),
+    (["--config", "no/such/file.toml"], "not found"),
+])
+def test_bad_input_is_one_line_exit_2(args, message):
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert result.output.startswith("error: ") and message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_diverging_workload_exits_3():
+    result = invoke(*TINY, "--set", "optim.lr=1e30")
+    assert result.exit_code == 3
+    assert result.output.startswith("error: ") and "non-finite" in result.output
+
+
+def test_parse_ranks():
+    assert parse_ranks("4,1,2,2") == [1, 2, 4]
+    with pytest.raises(UserError):
+        parse_ranks("")
+
+
+class Scale(Layer):
+    def forward(self, x, train=True):
+        return 2 * x
+
+    def backward(self, dy):
+        return 2 * dy
+
+
+def test_bare_kernel_follows_the_dense_layers():
+    model = Sequential([Dense(8), ReLU(), Dense(6), Tanh(), Dense(3)], 5, dtype=np.float32)
+    assert [kind for kind, _ in kernel_layers(model)] == ["dense", "relu", "dense", "tanh", "dense"]
+    kernel = BareKernel(model, local_batch=4, comm=SingleProcessComm())
+    assert kernel.flat.size == model.n_params and kernel.flat.dtype == np.float32
+    assert [a.shape for a in kernel.acts] == [(4, 8), (4, 6), (4, 3)]
+    kernel.step()
+    # the weight gradients sit where the model keeps its weights in the flat buffer; biases are untouched
+    for spec in model.param_specs:
+        part = kernel.flat[spec.offset : spec.offset + spec.size]
+        assert (np.any(part != 0) if spec.key == "weight" else np.all(part == 0)), spec.name
+    np.testing.assert_allclose(kernel.grads[2], kernel.acts[1].T @ kernel.dz, rtol=1e-5)
+    # any other layer: no kernel (reported as null)
+    assert kernel_layers(Sequential([Dense(8), Scale(), Dense(3)], 5)) is None
+
+
+def test_report_without_a_one_rank_run_has_no_efficiency():
+    runs = [{"ranks": 2, "samples_per_s": 10.0, "threads_per_rank": 1, "blas": [], "mpi": "x"}]
+    assert make_report({}, runs)["runs"][0]["efficiency"] is None
+
+
+@needs_mpiexec
+def test_ranks_list_runs_one_mpiexec_per_world_size():
+    result = dptrain("bench", "-n", "1,2", *TINY, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    check_report(report)
+    assert [r["ranks"] for r in report["runs"]] == [1, 2]
+    for run in report["runs"]:
+        check_run(run, ranks=run["ranks"], global_batch=16 * run["ranks"])
+        assert not run["mpi"].startswith("none")  # also 1 rank runs under mpiexec, like the others
+        assert run["threads_set_by"].startswith("set by OMP_NUM_THREADS=1")
+    assert report["runs"][0]["efficiency"] == 1.0
+    table = format_table(report).splitlines()
+    assert len(table) == 5 and table[3].split()[0] == "1" and table[4].split()[0] == "2"
+
+
+@needs_mpiexec
+def test_ranks_list_is_refused_under_mpirun_in_one_line():
+    result = dptrain("bench", "-n", "1,2", *TINY, ranks=2)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == ("error: -n starts its own mpiexec runs; under mpirun, run `dptrain bench` without -n "
+                             "(it benchmarks the job's world size)\n")
+
+
+@needs_mpiexec
+def test_under_mpirun_it_runs_in_place():
+    result = dptrain("bench", *TINY, "--json", ranks=2)
+    assert result.returncode == 0, result.stderr
+    [line] = result.stdout.strip().splitlines()  # rank 0 only prints
+    report = json.loads(line)
+    check_report(report)
+    [run] = report["runs"]
+    check_run(run, ranks=2, global_batch=32)
+    assert run["efficiency"] is None  # no 1-rank run to compare with
+    result = dptrain("bench", "-n", "1,2", *TINY, ranks=2)
+    assert result.returncode == 2 and "under mpirun" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

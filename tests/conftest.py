@@ -1,0 +1,23 @@
+"""Shared test set-up: the `mpi` mark, and the helpers module (tests/helpers.py) on the import path.
+
+    pytest                 # everything (the README's test command)
+    pytest -m "not mpi"    # the fast loop: no test that starts mpiexec
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import helpers
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "mpi: runs mpiexec (leave out with -m \"not mpi\" for a fast loop)")
+
+
+@pytest.fixture(autouse=True)
+def _mpi_mark_checked(request):
+    """helpers.run() refuses to start mpiexec in a test without the mpi mark, so the fast loop stays MPI-free."""
+    helpers.current_test_is_mpi = request.node.get_closest_marker("mpi") is not None
+    yield
+    helpers.current_test_is_mpi = True
