@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from helpers import MPIEXEC, REPO, MPI_MARKS, run
+from helpers import MPI_MARKS, MPIEXEC, REPO, run
 
 
 def _api_example() -> str:

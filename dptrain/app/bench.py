@@ -34,16 +34,17 @@ from typing import Any
 import numpy as np
 
 from dptrain._version import __version__
-from .build import build_parts, build_trainer
-from dptrain.parallel.comm import refuse_under_mpi
 from dptrain.config import Config, load_config
-from dptrain.parallel.sampler import epoch_order, global_batch, shard
 from dptrain.errors import CollectiveError, ExitQuietly, UserError
 from dptrain.launch.mpiexec import build_command, find_mpiexec
-from dptrain.runtime.threads import describe_threads, thread_setup
 from dptrain.nn import Dense, ReLU, Sigmoid, Tanh
+from dptrain.parallel.comm import refuse_under_mpi
+from dptrain.parallel.sampler import epoch_order, global_batch, shard
 from dptrain.runtime.sysinfo import blas_info, cpu_info, openmp_threads, thread_pools
+from dptrain.runtime.threads import describe_threads, thread_setup
 from dptrain.training.trainer import PHASES
+
+from .build import build_parts, build_trainer
 
 REFERENCE_PER_RANK_BATCH = 256
 REFERENCE_BATCHES = 4  # the synthetic reference data holds this many global batches; steps cycle over them

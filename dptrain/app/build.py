@@ -12,13 +12,13 @@ import numpy as np
 
 from dptrain import data as data_mod
 from dptrain.config import Config
-from dptrain.data import Dataset, steps_per_epoch
-from dptrain.training.early_stopping import EarlyStopping
-from dptrain.errors import UserError
 from dptrain.config.layers import make_layer
+from dptrain.data import Dataset, steps_per_epoch
+from dptrain.errors import UserError
 from dptrain.nn import ACTIVATIONS, LOSSES, Dense, Flatten, Loss, Sequential
 from dptrain.optim import OPTIMIZERS, hyperparameter_names
 from dptrain.optim.schedules import Schedule, make_schedule, scaled_lr
+from dptrain.training.early_stopping import EarlyStopping
 from dptrain.training.trainer import CheckpointPolicy, Trainer
 
 _MODEL_INIT_STREAM = 10

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dptrain.config import load_config
 from dptrain.data import steps_per_epoch
-from dptrain.nn.summary import summary_table
 from dptrain.launch.jobscript import parse_count
+from dptrain.nn.summary import summary_table
 
 from .bench import describe_model, kernel_layers
 from .build import build_model, build_parts, build_schedule, load_dataset

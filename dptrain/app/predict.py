@@ -21,14 +21,15 @@ from pathlib import Path
 import numpy as np
 
 from dptrain import data as data_mod
-from .build import build_loss, build_model
-from dptrain.storage.checkpoint import Checkpoint, load_checkpoint, restore_model
-from dptrain.parallel.comm import SingleProcessComm
 from dptrain.config import Config, config_from_dict
 from dptrain.data import Dataset, check_features, list_names
 from dptrain.errors import UserError
-from dptrain.storage.atomic import check_output_path, write_atomically
 from dptrain.nn import LOSSES, Sequential
+from dptrain.parallel.comm import SingleProcessComm
+from dptrain.storage.atomic import check_output_path, write_atomically
+from dptrain.storage.checkpoint import Checkpoint, load_checkpoint, restore_model
+
+from .build import build_loss, build_model
 
 PREDICT_CHUNK = 1024  # rows per forward pass; also the unit in which rows are shared out to the ranks
 FLOAT_FORMAT = "%.8g"  # probabilities and predicted values: 8 significant digits

@@ -19,8 +19,9 @@ layer as wide as the classes or target columns, after a Flatten if the last shap
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from dptrain.errors import UserError
 from dptrain.nn import conv, dropout, norm

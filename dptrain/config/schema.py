@@ -12,10 +12,9 @@ import json
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
-
-from dptrain.training.evaluation import VALIDATION_KEYS
 from dptrain.nn import ACTIVATIONS, LOSSES
 from dptrain.optim import OPTIMIZERS
+from dptrain.training.evaluation import VALIDATION_KEYS
 
 DATASETS = ("digits", "synthetic", "npz", "csv", "diabetes")
 ACTIVATION_NAMES = tuple(ACTIVATIONS)  # the choices of model.activation, train.loss and optim.name

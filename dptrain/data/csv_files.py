@@ -7,8 +7,8 @@ import math
 import os
 import warnings
 from array import array as packed_array
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 

@@ -25,9 +25,9 @@ import shlex
 import shutil
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from dptrain._version import __version__
 from dptrain.errors import UserError

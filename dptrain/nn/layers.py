@@ -30,7 +30,6 @@ must not be interleaved with another forward of the same layer (an evaluation, s
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,7 +118,7 @@ class Layer(Workspaces):
     grads: dict[str, np.ndarray]
     buffers: dict[str, np.ndarray]
     #: set by Sequential.begin_batch before a training forward: which samples and step (or None)
-    batch_info: "BatchInfo | None" = None
+    batch_info: BatchInfo | None = None
 
     def __init__(self) -> None:
         self.params = {}

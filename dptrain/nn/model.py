@@ -9,9 +9,9 @@ therefore one call over one array, and the optimizer updates one array in place.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Callable
 
 import numpy as np
 

@@ -16,12 +16,12 @@ import contextlib
 import os
 import sys
 import traceback
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
-from dptrain.runtime import rank_warnings
 from dptrain.errors import CollectiveError, ExitQuietly, UserError
+from dptrain.runtime import rank_warnings
 
 # Variables that process managers set in every rank they start.
 _LAUNCHER_VARIABLES = (
@@ -85,7 +85,7 @@ class SingleProcessComm:
         """Elementwise maximum of ``buf`` over all ranks, in place; returns buf."""
         return buf
 
-    def iallreduce_sum(self, buf: np.ndarray) -> "_Done":
+    def iallreduce_sum(self, buf: np.ndarray) -> _Done:
         """Start summing ``buf`` in place over all ranks; ``.wait()`` on the result completes it."""
         return _DONE
 

@@ -67,7 +67,7 @@ class StopOnSignal:
         finally:
             os.close(read_fd)
 
-    def __enter__(self) -> "StopOnSignal":
+    def __enter__(self) -> StopOnSignal:
         self._depth += 1
         if self._depth == 1 and threading.current_thread() is threading.main_thread():
             read_fd, write_fd = os.pipe()

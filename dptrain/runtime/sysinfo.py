@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from dptrain._version import __version__
+
 from .threads import (
     available_cores,
     bundled_with,

@@ -7,8 +7,7 @@ dptrain`` (threadpoolctl caps in the process), and by ``dptrain info`` and ``ben
 from __future__ import annotations
 
 import os
-from typing import Mapping
-
+from collections.abc import Mapping
 
 #: Variables that size the thread pools of OpenMP and the BLAS libraries NumPy may use.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",

@@ -57,8 +57,8 @@ class EarlyStopping:
         return self.stopped
 
     def state(self) -> dict[str, Any]:
-        return {"best": None if math.isnan(self.best) else self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
-                "stopped": self.stopped}
+        return {"best": None if math.isnan(self.best) else self.best, "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs, "stopped": self.stopped}
 
     def load_state(self, state: dict[str, Any]) -> None:
         best = state.get("best")

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from dptrain.parallel.comm import SingleProcessComm
 from dptrain.data import Dataset
-from dptrain.parallel.sampler import shard
 from dptrain.nn import Loss, Sequential
+from dptrain.parallel.comm import SingleProcessComm
+from dptrain.parallel.sampler import shard
 
 #: samples per forward pass in evaluation: the layers' workspaces grow with it (the digits CNN holds
 #: about 115 KB per sample: 116 MB at 1024, against 13 MB for a training batch of 64)

@@ -20,7 +20,8 @@ ZeRO-1, where each rank updates one block of the parameters (:class:`dptrain.opt
 from __future__ import annotations
 
 import time
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 

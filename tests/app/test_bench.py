@@ -10,13 +10,14 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import REPO, dptrain, needs_mpiexec
 
 from dptrain.app.bench import BareKernel, format_table, kernel_layers, make_report, parse_ranks
 from dptrain.cli import main
-from dptrain.parallel.comm import SingleProcessComm
 from dptrain.errors import UserError
 from dptrain.nn import Dense, Layer, ReLU, Sequential, Tanh
+from dptrain.parallel.comm import SingleProcessComm
+
+from helpers import REPO, dptrain, needs_mpiexec
 
 TINY = ["--steps", "3", "--warmup", "1", "--per-rank-batch", "16", "--set", "model.hidden=[32,32]"]
 PHASES = ("forward", "backward", "exchange", "optimizer")

@@ -14,8 +14,9 @@ import pytest
 from click.testing import CliRunner
 from sklearn.datasets import load_digits
 
-from dptrain.cli import main
 from dptrain.app.predict import PREDICT_CHUNK, predict, row_range
+from dptrain.cli import main
+
 from helpers import dptrain, load_arrays, needs_mpiexec
 
 QUICK = ["--set", "train.epochs=2", "--set", "model.hidden=[16]"]
@@ -288,7 +289,8 @@ def test_eval_data_errors(tmp_path, digits_run, digits):
     np.savez(tmp_path / "narrow.npz", x=x[:, :60], y=y)
     np.savez(tmp_path / "labels.npz", x=x[:5], y=np.array([0, 1, 2, 3, 10]))
     write_csv(tmp_path / "t.csv", ["a", "label"], np.ones((3, 2)))
-    for name, message in [("x.npy", "is one .npy array, not an .npz with x and y"), ("narrow.npz", "60 features per row, but the model takes 64"),
+    for name, message in [("x.npy", "is one .npy array, not an .npz with x and y"),
+                          ("narrow.npz", "60 features per row, but the model takes 64"),
                           ("labels.npz", "labels must lie in [0, 10)"), ("t.csv", "no data.target"),
                           ("missing.npz", "not found")]:
         line = one_error_line(invoke("eval", "--checkpoint", digits_run, "--data", tmp_path / name))
@@ -421,8 +423,8 @@ def test_predict_and_eval_do_not_need_the_optimizer_state(tmp_path, digits_run, 
     """optimizer.npz is neither hashed nor read to predict or evaluate (resuming still checks it)."""
     import shutil
 
-    from dptrain.storage.checkpoint import load_checkpoint
     from dptrain.errors import UserError
+    from dptrain.storage.checkpoint import load_checkpoint
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(digits_run / "checkpoints" / "latest", ckpt)

@@ -15,6 +15,7 @@ from dptrain import Dense, MeanSquaredError, ReLU, Sequential, SoftmaxCrossEntro
 from dptrain.cli import main
 from dptrain.data import Dataset, load_diabetes
 from dptrain.training.evaluation import EVAL_CHUNK, evaluate
+
 from helpers import REPO, dptrain, needs_mpiexec
 
 CONFIG = REPO / "configs" / "diabetes_mlp.toml"

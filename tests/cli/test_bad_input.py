@@ -26,6 +26,7 @@ from hypothesis.extra import numpy as hnp
 from dptrain.cli import main
 from dptrain.data import split_train_val
 from dptrain.errors import UserError
+
 from helpers import dptrain, needs_mpiexec
 
 if sys.version_info >= (3, 11):

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from dptrain.cli import main
+
 from helpers import REPO, dptrain, load_arrays, needs_mpiexec, run
 
 QUICK = ["--set", "train.epochs=2", "--set", "model.hidden=[16]"]

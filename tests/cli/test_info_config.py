@@ -9,10 +9,11 @@ import warnings
 import pytest
 from click.testing import CliRunner
 
-from dptrain.runtime import rank_warnings, sysinfo
 from dptrain.cli import main
 from dptrain.config import load_config
+from dptrain.runtime import rank_warnings, sysinfo
 from dptrain.runtime.threads import thread_choice
+
 from helpers import MPIEXEC, REPO, dptrain, needs_mpiexec, run
 
 NO_THREAD_VARIABLES = {v: None for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
@@ -189,8 +190,8 @@ def test_rank_warnings_in_process(monkeypatch, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         for _ in range(3):
-            warnings.warn("a repeated warning", UserWarning)
-        warnings.warn("another one", RuntimeWarning)
+            warnings.warn("a repeated warning", UserWarning, stacklevel=2)
+        warnings.warn("another one", RuntimeWarning, stacklevel=2)
     err = capsys.readouterr().err
     assert err.count("UserWarning: a repeated warning") == 1 and err.count("RuntimeWarning: another one") == 1
     assert err.splitlines() and all(line.startswith("[rank 1] ") for line in err.splitlines())

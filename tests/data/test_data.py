@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dptrain.parallel.sampler import epoch_order, global_batch, shard
 from dptrain.data import load_digits, load_npz, make_synthetic, split_train_val, steps_per_epoch
 from dptrain.errors import UserError
+from dptrain.parallel.sampler import epoch_order, global_batch, shard
 
 
 def test_digits():

@@ -21,6 +21,7 @@ from dptrain.app.build import train_val_split
 from dptrain.config import load_config
 from dptrain.data import Dataset, load_npz
 from dptrain.errors import UserError
+
 from helpers import MPIEXEC, dptrain, load_arrays, needs_mpiexec, subprocess_env
 
 FAST = ["--set", "train.epochs=2", "--set", "model.hidden=[16]", "--set", "train.batch_size=32",

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from dptrain.cli import main
 from dptrain.errors import UserError
 from dptrain.launch.jobscript import BatchJob, find_template, parse_job_id, parse_time, render
+
 from helpers import REPO, dptrain, needs_mpiexec
 
 CONFIG = str(REPO / "configs" / "digits_mlp.toml")

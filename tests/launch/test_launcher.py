@@ -7,10 +7,10 @@ import sys
 import textwrap
 
 import pytest
-from helpers import subprocess_env
 
-from dptrain.parallel.comm import MPIComm, SingleProcessComm, launched_by_mpi, make_comm, refuse_under_mpi
 from dptrain.errors import ExitQuietly, UserError
+from dptrain.launch.mpiexec import build_command, find_mpiexec
+from dptrain.parallel.comm import MPIComm, SingleProcessComm, launched_by_mpi, make_comm, refuse_under_mpi
 from dptrain.runtime.threads import (
     THREAD_VARIABLES,
     bundled_with,
@@ -19,7 +19,8 @@ from dptrain.runtime.threads import (
     thread_setup,
     threads_per_rank,
 )
-from dptrain.launch.mpiexec import build_command, find_mpiexec
+
+from helpers import subprocess_env
 
 
 def test_argv_is_a_list_passed_verbatim():

@@ -15,7 +15,6 @@ from dptrain.nn.model import Sequential
 
 from gradcheck import TOL, numeric_grad, random_away_from_zero, rel_error  # noqa: E402
 
-
 # ---------------------------------------------------------------------------------------------
 # Layers
 

@@ -19,7 +19,6 @@ from dptrain.nn.losses import BCEWithLogits
 
 from gradcheck import TOL, numeric_grad, random_away_from_zero, rel_error  # noqa: E402
 
-
 # ---------------------------------------------------------------------------------------------
 # LeakyReLU and GELU
 

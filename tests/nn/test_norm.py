@@ -12,7 +12,6 @@ import threading
 
 import numpy as np
 import pytest
-from gradcheck import TOL, numeric_grad, rel_error
 
 from dptrain.nn import (
     BatchNorm,
@@ -24,6 +23,8 @@ from dptrain.nn import (
     SoftmaxCrossEntropy,
     Tanh,
 )
+
+from gradcheck import TOL, numeric_grad, rel_error
 
 BN_SHAPES = [pytest.param((4,), id="1d"), pytest.param((3, 5), id="1d-length"),
              pytest.param((2, 3, 3), id="2d")]

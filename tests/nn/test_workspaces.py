@@ -216,8 +216,8 @@ def test_syncs_batch_statistics_is_defined_on_every_layer():
     ({"type": "dense", "units": 0}, ["model.layers[0]", "out_features"]),
 ])
 def test_layer_table_sizes_name_the_key(table, words):
-    from dptrain.errors import UserError
     from dptrain.config.layers import make_layer
+    from dptrain.errors import UserError
 
     with pytest.raises(UserError) as info:
         make_layer(table, 0)

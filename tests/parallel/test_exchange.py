@@ -9,6 +9,7 @@ import pytest
 
 from dptrain import Dense, ReLU, Sequential, Tanh
 from dptrain.parallel.exchange import plan_buckets
+
 from helpers import assert_arrays_close, dptrain, load_arrays, needs_mpiexec
 
 CONFIG = """

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from dptrain import Dense, ReLU, SGD, Sequential, SoftmaxCrossEntropy, Trainer
-from dptrain.storage.checkpoint import load_checkpoint, step_dirs
+from dptrain import SGD, Dense, ReLU, Sequential, SoftmaxCrossEntropy, Trainer
 from dptrain.cli import main
 from dptrain.data import make_synthetic
 from dptrain.errors import DivergenceError
+from dptrain.storage.checkpoint import load_checkpoint, step_dirs
+
 from helpers import MPIEXEC, needs_mpiexec, run
 
 

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import MPIEXEC, assert_arrays_close, dptrain, load_arrays, needs_mpiexec, subprocess_env
-
 import dptrain.storage.checkpoint as checkpoint_module
 from dptrain.storage.checkpoint import load_checkpoint, save_checkpoint, step_dirs
+
+from helpers import MPIEXEC, assert_arrays_close, dptrain, load_arrays, needs_mpiexec, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 SLURM = ROOT / "launch" / "slurm.sbatch"

@@ -9,6 +9,7 @@ import textwrap
 import time
 
 from dptrain.runtime.signals import StopOnSignal
+
 from helpers import run
 
 

@@ -8,8 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from dptrain.storage.checkpoint import load_checkpoint, save_checkpoint, step_dirs
 from dptrain.errors import UserError
+from dptrain.storage.checkpoint import load_checkpoint, save_checkpoint, step_dirs
+
 from helpers import load_arrays
 
 

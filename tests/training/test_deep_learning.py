@@ -13,9 +13,10 @@ from click.testing import CliRunner
 
 from dptrain import load_config
 from dptrain.app.build import build_parts, build_schedule, build_trainer
-from dptrain.storage.checkpoint import load_checkpoint
 from dptrain.cli import main
+from dptrain.storage.checkpoint import load_checkpoint
 from dptrain.training.early_stopping import EarlyStopping
+
 from helpers import REPO, assert_arrays_close, dptrain, load_arrays, needs_mpiexec
 
 CNN_CONFIG = str(REPO / "configs" / "digits_cnn.toml")

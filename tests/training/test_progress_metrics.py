@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from dptrain import CheckpointPolicy, Dense, MeanSquaredError, SGD, Sequential, SoftmaxCrossEntropy, Tanh, Trainer
+from dptrain import SGD, CheckpointPolicy, Dense, MeanSquaredError, Sequential, SoftmaxCrossEntropy, Tanh, Trainer
 from dptrain.cli import main
 from dptrain.data import Dataset, make_synthetic
+from dptrain.runtime.signals import StopOnSignal
 from dptrain.training.callbacks.metrics import MetricsLogger, metric_columns, read_rows
 from dptrain.training.callbacks.progress import ProgressBar
-from dptrain.runtime.signals import StopOnSignal
 from dptrain.training.trainer import Callback
+
 from helpers import dptrain, needs_mpiexec
 
 # 186 training samples, global batch 23: 9 steps per epoch, the last one of 2 samples.

@@ -11,8 +11,9 @@ from click.testing import CliRunner
 
 from dptrain import CheckpointPolicy, Trainer, load_config
 from dptrain.app.build import build_loss, build_model, build_optimizer, load_dataset, train_val_split
-from dptrain.storage.checkpoint import load_checkpoint, step_dirs
 from dptrain.cli import main
+from dptrain.storage.checkpoint import load_checkpoint, step_dirs
+
 from helpers import assert_arrays_close, dptrain, load_arrays, needs_mpiexec
 
 # 186 training samples, global batch 23: 9 steps per epoch, the last one of 2 samples.

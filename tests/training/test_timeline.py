@@ -8,10 +8,11 @@ from collections import defaultdict
 import numpy as np
 from click.testing import CliRunner
 
-from dptrain import CheckpointPolicy, Dense, SGD, Sequential, SoftmaxCrossEntropy, Tanh, Trainer
+from dptrain import SGD, CheckpointPolicy, Dense, Sequential, SoftmaxCrossEntropy, Tanh, Trainer
 from dptrain.cli import main
 from dptrain.data import make_synthetic
 from dptrain.training.callbacks.timeline import Timeline, chrome_trace
+
 from helpers import dptrain, needs_mpiexec
 
 PHASES = ["forward", "backward", "exchange", "optimizer"]

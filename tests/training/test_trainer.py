@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from dptrain import CheckpointPolicy, Dense, MeanSquaredError, SGD, Sequential, SoftmaxCrossEntropy, Tanh, Trainer
-from dptrain.storage.checkpoint import step_dirs
+from dptrain import SGD, CheckpointPolicy, Dense, MeanSquaredError, Sequential, SoftmaxCrossEntropy, Tanh, Trainer
 from dptrain.cli import main
 from dptrain.data import make_synthetic
+from dptrain.storage.checkpoint import step_dirs
+
 from helpers import load_arrays
 
 

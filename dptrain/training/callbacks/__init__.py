@@ -1,6 +1,7 @@
 """Callbacks that watch a run: the progress bar, the metrics files and the Chrome-trace timeline."""
 
 from dptrain.training.callback import Callback
+
 from .metrics import MetricsLogger
 from .progress import ProgressBar
 from .timeline import Timeline

@@ -41,9 +41,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dptrain.training.evaluation import LOWER_IS_BETTER, validation_metrics
 from dptrain.storage.atomic import write_atomically
 from dptrain.training.callback import Callback
+from dptrain.training.evaluation import LOWER_IS_BETTER, validation_metrics
 from dptrain.training.step import PHASES
 from dptrain.training.totals import RunningTotals
 

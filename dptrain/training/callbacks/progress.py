@@ -18,7 +18,8 @@ trainer's ``log`` so that its lines do not break the bar::
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Callable, TextIO
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TextIO
 
 from dptrain.training.callback import Callback
 from dptrain.training.totals import RunningTotals
