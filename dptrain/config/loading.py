@@ -96,13 +96,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def builtin_configs() -> dict[str, str]:
-    """The configs shipped with dptrain: {name: its first comment line}, by name. A name works as
-    ``--config NAME``; the files are the repository's ``configs/``."""
+    """The configs shipped with dptrain: {name: the first sentence of its leading comment}, by name.
+    A name works as ``--config NAME``; the files are the repository's ``configs/``."""
     found = {}
     for item in sorted(_BUILTIN.iterdir(), key=lambda t: t.name):
         if item.name.endswith(".toml"):
-            first = item.read_text(encoding="utf-8").splitlines()[:1]
-            found[item.name[: -len(".toml")]] = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+            words = []
+            for line in item.read_text(encoding="utf-8").splitlines():
+                if not line.startswith("#") or line.startswith("#  "):  # the comment ends, or a command follows
+                    break
+                words.append(line.lstrip("#").strip())
+            text = " ".join(words)
+            end = text.find(". ")
+            found[item.name[: -len(".toml")]] = text if end < 0 else text[: end + 1]
     return found
 
 

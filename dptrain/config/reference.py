@@ -12,6 +12,8 @@ import tokenize
 from dataclasses import MISSING, fields, is_dataclass
 from typing import Any, get_args, get_origin, get_type_hints
 
+from dptrain.optim import SCHEDULES
+
 from . import schema
 from .layers import layer_tables
 from .schema import Config, _toml_value
@@ -24,6 +26,19 @@ these defaults; `--set section.key=value` overrides a key on the command line. A
 value of the wrong type or out of range is refused with a one-line error naming the key (exit 2).
 `dptrain config show` prints the resolved config; `dptrain config validate` checks it and its data.
 """
+
+
+#: the keys whose value is one of a list of names, and that list (the registries the checks use)
+CHOICES = {
+    "data.name": schema.DATASETS,
+    "model.activation": schema.ACTIVATION_NAMES,
+    "train.loss": schema.LOSS_NAMES,
+    "train.dtype": schema.DTYPES,
+    "optim.name": schema.OPTIMIZER_NAMES,
+    "optim.schedule": SCHEDULES,
+    "early_stopping.metric": schema.MONITORED_METRICS,
+    "comm.compression": schema.COMPRESSIONS,
+}
 
 
 def field_comments(cls: type) -> dict[str, str]:
@@ -87,6 +102,7 @@ def reference_markdown() -> str:
         if not is_dataclass(section):
             continue
         doc = (inspect.getdoc(section) or "").split(":", 1)[-1].strip()
+        doc = doc[:1].upper() + doc[1:]
         out += [f"## [{f.name}]", "", doc, "", *_table(section, f"{f.name}."), ""]
     out += ["## Layer tables (`model.layers`)", "",
             "Each table has a `type` and that type's keys; the output layer is added after the last one.",
@@ -101,7 +117,6 @@ def reference_markdown() -> str:
         out.append(f"| `{kind}` | {', '.join(described) or 'none'} |")
     out.append("")
     out += ["## Choices", ""]
-    for name in ("DATASETS", "ACTIVATION_NAMES", "LOSS_NAMES", "OPTIMIZER_NAMES", "MONITORED_METRICS", "DTYPES",
-                "COMPRESSIONS"):
-        out.append(f"- `{name}`: {', '.join(getattr(schema, name))}")
+    for key, choices in CHOICES.items():
+        out.append(f"- `{key}`: {', '.join(choices)}")
     return "\n".join(out) + "\n"

@@ -39,7 +39,7 @@ class DataConfig:
     n_samples: int = 2000  # synthetic only
     n_features: int = 20  # synthetic only
     n_classes: int = 4  # synthetic only
-    shape: tuple[int, ...] = ()  # one sample's shape, e.g. [1, 8, 8] for images (C, H, W); () = flat
+    shape: tuple[int, ...] = ()  # one sample's shape, e.g. [1, 8, 8] for images (C, H, W); [] = flat
 
 
 @dataclass(frozen=True)

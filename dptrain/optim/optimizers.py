@@ -32,6 +32,8 @@ import math
 
 import numpy as np
 
+from .checks import require
+
 
 class _FlatOptimizer:
     """The common part: the buffers, ``lr``, ``steps``, the checkpointable state and slicing.
@@ -49,9 +51,9 @@ class _FlatOptimizer:
                  momentum: float = 0.0) -> None:
         if params.ndim != 1 or grads.shape != params.shape:
             raise ValueError(f"params and grads must be 1-d of the same shape, got {params.shape} and {grads.shape}")
-        _require(math.isfinite(lr) and lr > 0, f"lr must be > 0, got {lr}")
-        _require(math.isfinite(weight_decay) and weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
-        _require(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
+        require(math.isfinite(lr) and lr > 0, f"lr must be > 0, got {lr}")
+        require(math.isfinite(weight_decay) and weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
+        require(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
         self.params, self.grads = params, grads
         self.lr = float(lr)
         self.weight_decay, self.momentum = float(weight_decay), float(momentum)
@@ -153,7 +155,7 @@ class SGD(_FlatOptimizer):
     def __init__(self, params: np.ndarray, grads: np.ndarray, lr: float = 0.01, momentum: float = 0.0,
                  nesterov: bool = False, weight_decay: float = 0.0) -> None:
         super().__init__(params, grads, lr, weight_decay=weight_decay, momentum=momentum)
-        _require(not (nesterov and momentum == 0), "nesterov needs momentum > 0")
+        require(not (nesterov and momentum == 0), "nesterov needs momentum > 0")
         self.nesterov = bool(nesterov)
         self.momentum_buffer = np.zeros_like(params)
         self._decayed = np.empty_like(params) if self.weight_decay else None  # the gradient with weight decay
@@ -276,7 +278,7 @@ class RMSprop(_BlockwiseOptimizer):
     def __init__(self, params: np.ndarray, grads: np.ndarray, lr: float = 0.01, alpha: float = 0.99,
                  eps: float = 1e-8, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
         super().__init__(params, grads, lr, weight_decay=weight_decay, momentum=momentum)
-        _require(0 <= alpha < 1, f"alpha must be in [0, 1), got {alpha}")
+        require(0 <= alpha < 1, f"alpha must be in [0, 1), got {alpha}")
         self.eps = _eps(eps)
         self.alpha = float(alpha)
         self._state_names = ("square_avg", "momentum_buffer") if self.momentum else ("square_avg",)
@@ -299,22 +301,18 @@ class RMSprop(_BlockwiseOptimizer):
         self.steps += 1
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
 
 def _betas(betas) -> tuple[float, float]:
     try:
         beta1, beta2 = (float(b) for b in betas)
     except (TypeError, ValueError):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}") from None
-    _require(0 <= beta1 < 1 and 0 <= beta2 < 1, f"betas must be two numbers in [0, 1), got {betas!r}")
+    require(0 <= beta1 < 1 and 0 <= beta2 < 1, f"betas must be two numbers in [0, 1), got {betas!r}")
     return beta1, beta2
 
 
 def _eps(eps: float) -> float:
-    _require(0 < eps < 1, f"eps must be in (0, 1), got {eps}")
+    require(0 < eps < 1, f"eps must be in (0, 1), got {eps}")
     return float(eps)
 
 

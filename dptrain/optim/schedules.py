@@ -33,6 +33,8 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from .checks import require
+
 SCHEDULES = ("constant", "step", "cosine")
 
 
@@ -54,26 +56,26 @@ class Schedule:
     def __post_init__(self) -> None:
         if self.name not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.name!r}; choose from {', '.join(SCHEDULES)}")
-        _require(_is_number(self.base_lr) and math.isfinite(self.base_lr) and self.base_lr > 0,
+        require(_is_number(self.base_lr) and math.isfinite(self.base_lr) and self.base_lr > 0,
                  f"base_lr must be > 0, got {self.base_lr!r}")
-        _require(_is_int(self.total_steps) and self.total_steps >= 1,
+        require(_is_int(self.total_steps) and self.total_steps >= 1,
                  f"total_steps must be an integer >= 1, got {self.total_steps!r}")
-        _require(_is_int(self.warmup_steps) and 0 <= self.warmup_steps <= self.total_steps,
+        require(_is_int(self.warmup_steps) and 0 <= self.warmup_steps <= self.total_steps,
                  f"warmup_steps must be an integer in [0, total_steps = {self.total_steps}], got {self.warmup_steps!r}")
         if self.name == "step":
-            _require(_is_int(self.step_size) and self.step_size >= 1,
+            require(_is_int(self.step_size) and self.step_size >= 1,
                      f"step_size must be an integer >= 1 for the step schedule, got {self.step_size!r}")
-            _require(_is_number(self.gamma) and 0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma!r}")
+            require(_is_number(self.gamma) and 0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma!r}")
         if self.name == "cosine":
-            _require(self.warmup_steps < self.total_steps,
+            require(self.warmup_steps < self.total_steps,
                      f"warmup_steps must be < total_steps = {self.total_steps} for the cosine schedule, "
                      f"got {self.warmup_steps}")
-            _require(_is_number(self.min_lr) and 0 <= self.min_lr <= self.base_lr,
+            require(_is_number(self.min_lr) and 0 <= self.min_lr <= self.base_lr,
                      f"min_lr must be in [0, base_lr = {self.base_lr}], got {self.min_lr!r}")
 
     def __call__(self, step: int) -> float:
         """The lr for the optimizer step ``step`` (0-based: the number of steps taken before it)."""
-        _require(_is_int(step) and step >= 0, f"step must be an integer >= 0, got {step!r}")
+        require(_is_int(step) and step >= 0, f"step must be an integer >= 0, got {step!r}")
         if step < self.warmup_steps:
             return float(self.base_lr * (step + 1) / self.warmup_steps)
         k = step - self.warmup_steps
@@ -110,11 +112,11 @@ def scaled_lr(lr: float, global_batch: int, reference_batch: int | None) -> floa
     lr is the lr tuned for a batch of reference_batch samples; reference_batch 0 or None turns the
     rule off (returns lr).
     """
-    _require(_is_number(lr) and math.isfinite(lr) and lr > 0, f"lr must be > 0, got {lr!r}")
-    _require(_is_int(global_batch) and global_batch >= 1, f"global_batch must be an integer >= 1, got {global_batch!r}")
+    require(_is_number(lr) and math.isfinite(lr) and lr > 0, f"lr must be > 0, got {lr!r}")
+    require(_is_int(global_batch) and global_batch >= 1, f"global_batch must be an integer >= 1, got {global_batch!r}")
     if reference_batch is None or (_is_int(reference_batch) and reference_batch == 0):
         return float(lr)
-    _require(_is_int(reference_batch) and reference_batch >= 1,
+    require(_is_int(reference_batch) and reference_batch >= 1,
              f"reference_batch must be an integer >= 1, or 0/None for off, got {reference_batch!r}")
     return lr * global_batch / reference_batch
 
@@ -127,6 +129,3 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
