@@ -157,7 +157,7 @@ def test_slurm_command_with_mpiexec_and_defaults(tmp_path: Path):
     result = _run(SLURM, env, tmp_path)
     assert result.returncode == 0, result.stderr
     argv, threads = _recorded(log)
-    assert argv == ["-n", "2", "python3", "-m", "dptrain", "train", "--config", "configs/digits_mlp.toml",
+    assert argv == ["-n", "2", "python3", "-m", "dptrain", "train", "--config", "digits_mlp",
                     "--out", "runs/slurm-4242", "--resume", "auto"]
     assert threads == ["1", "1", "1"]
 

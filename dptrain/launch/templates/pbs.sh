@@ -14,7 +14,7 @@
 # or load your MPI module below, or set DPTRAIN_PYTHON.
 #
 # Environment:
-#   DPTRAIN_CONFIG  TOML config [configs/digits_mlp.toml]; set it empty for the built-in default
+#   DPTRAIN_CONFIG  TOML config [digits_mlp, a built-in config]; set it empty for the built-in default
 #   DPTRAIN_OUT     run folder [runs/pbs-$PBS_JOBID]
 #   DPTRAIN_NP      number of ranks [the number of lines of $PBS_NODEFILE]
 #   DPTRAIN_MPIRUN  launcher [mpiexec], run as `$DPTRAIN_MPIRUN -n $NP -hostfile $PBS_NODEFILE ...`
@@ -87,7 +87,7 @@ if ! [[ "$np" =~ ^[0-9]+$ ]] || (( 10#$np < 1 )); then
     exit 2
 fi
 
-config=${DPTRAIN_CONFIG-configs/digits_mlp.toml}
+config=${DPTRAIN_CONFIG-digits_mlp}
 out=${DPTRAIN_OUT:-runs/pbs-${PBS_JOBID:-$$}}
 launcher=${DPTRAIN_MPIRUN:-mpiexec}
 hostfile_flag=${DPTRAIN_HOSTFILE_FLAG--hostfile}

@@ -1,0 +1,57 @@
+"""The API examples in examples/ run as written, alone and under mpiexec, and give what they say."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from helpers import MPI_MARKS, MPIEXEC, REPO, assert_arrays_close, load_arrays, needs_mpiexec, run
+
+EXAMPLES = sorted(p.name for p in (REPO / "examples").glob("*.py"))
+RANKS = [None, pytest.param(2, marks=MPI_MARKS)]
+
+
+def run_example(name: str, cwd, ranks: int | None):
+    argv = [sys.executable, str(REPO / "examples" / name)]
+    if ranks:
+        argv = [MPIEXEC, "-n", str(ranks), *argv]
+    result = run(argv, cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()
+
+
+def test_every_example_is_tested():
+    assert EXAMPLES == ["custom_callback.py", "train_cnn.py", "train_mlp.py"]
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+def test_train_mlp(tmp_path, ranks):
+    lines = run_example("train_mlp.py", tmp_path, ranks)
+    assert float(lines[-1].split("val_accuracy")[1]) > 0.95
+    assert (tmp_path / "runs" / "api" / "checkpoints" / "latest" / "model.npz").is_file()
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+def test_train_cnn(tmp_path, ranks):
+    lines = run_example("train_cnn.py", tmp_path, ranks)
+    assert lines[-1].endswith(tuple(f"val_accuracy {a / 10000:.4f}" for a in range(9500, 10001)))
+    assert (tmp_path / "runs" / "api-cnn" / "checkpoints" / "latest" / "model.npz").is_file()
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+def test_custom_callback(tmp_path, ranks):
+    lines = run_example("custom_callback.py", tmp_path, ranks)
+    assert [line.split(":")[0] for line in lines] == [f"epoch {e}" for e in range(1, 6)]  # rank 0 alone prints
+    for line in lines:
+        assert all(f"{phase} " in line for phase in ("forward", "backward", "exchange", "optimizer"))
+
+
+@needs_mpiexec
+def test_train_mlp_gives_the_same_weights_at_two_ranks(tmp_path):
+    """float32, so equal up to rounding: the sums over a global batch are added in another order."""
+    for folder, ranks in (("one", None), ("two", 2)):
+        (tmp_path / folder).mkdir()
+        run_example("train_mlp.py", tmp_path / folder, ranks)
+    one, two = (load_arrays(tmp_path / d / "runs" / "api" / "checkpoints" / "latest" / "model.npz") for d in ("one", "two"))
+    assert_arrays_close(two, one, rtol=1e-4)
