@@ -71,3 +71,12 @@ def assert_arrays_close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], rtol
         scale = np.abs(b[name]).max()
         err = np.abs(a[name] - b[name]).max() / (scale if scale > 0 else 1.0)
         assert err <= rtol, f"{name}: relative difference {err:.3e} > {rtol}"
+
+
+def invoke(*args, env: dict[str, str | None] | None = None, catch_exceptions: bool = False):
+    """`dptrain ARGS` in this process (click's CliRunner); arguments may be paths or numbers."""
+    from click.testing import CliRunner
+
+    from dptrain.cli import main
+
+    return CliRunner(env=env).invoke(main, [str(a) for a in args], catch_exceptions=catch_exceptions)

@@ -84,3 +84,29 @@ def checkpoint_meta(state: TrainingState, *, steps_per_epoch: int, lr: float, ea
         "metrics": metrics,
         "params": {name: list(shape) for name, shape in params.items()},
     }
+
+
+def broadcast_checkpoint(comm, checkpoint, model, optimizer, sharded=None) -> TrainingState | None:
+    """Collective: rank 0 loads ``checkpoint`` (needed there only; None: start fresh) into the model
+    and the optimizer and broadcasts the parameters, the layer buffers, the optimizer state and the
+    position; every rank returns the same TrainingState (None when there was no checkpoint).
+    ``sharded``: the ZeRO-1 update, which takes its block of the optimizer state."""
+    header = np.zeros(1 + TrainingState.size(), dtype=np.float64)  # [present, *TrainingState]
+    if comm.rank == 0 and checkpoint is not None:
+        header[0], header[1:] = 1, TrainingState.from_meta(checkpoint.meta).to_array()
+        model.load_params(checkpoint.model)
+        optimizer.load_state_dict(checkpoint.optimizer)
+    comm.broadcast(header)
+    if header[0] == 0:
+        return None
+    comm.broadcast(model.param_buffer)
+    comm.broadcast(model.state_buffer)
+    optimizer_state = optimizer.state_dict()  # the full state: rank 0's holds the checkpoint's
+    for array in optimizer_state.values():
+        comm.broadcast(array)
+    state = TrainingState.from_array(header[1:])
+    optimizer.steps = state.optimizer_steps
+    if sharded is not None:
+        sharded.load_state(optimizer_state)
+        sharded.optimizer.steps = state.optimizer_steps
+    return state

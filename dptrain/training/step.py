@@ -58,8 +58,19 @@ class StepResult(NamedTuple):
 class TrainingStep:
     """One optimizer step on a global batch of ``data``, callable as ``step(k, batch_indices)``.
 
-    Parameters are those of :class:`~dptrain.training.trainer.Trainer` of the same names;
-    ``stop_requested()`` tells whether this rank has received a stop signal.
+    Parameters
+    ----------
+    model, loss, optimizer, data, comm : as for :class:`~dptrain.training.trainer.Trainer`.
+    accumulate : micro-batches per optimizer step: each rank's share of a global batch is processed in
+        ``accumulate`` parts whose gradients are summed, then exchanged once (less memory per pass).
+    bucket_mb, compression : how gradients are exchanged (see :mod:`dptrain.parallel.exchange`).
+    shard_optimizer : ZeRO stage 1, each rank holds 1/world of the optimizer state
+        (:class:`dptrain.optim.ShardedUpdate`); checkpoints still hold the whole state.
+    lr_schedule : ``lr_schedule(step)`` gives the learning rate of optimizer step ``step`` (0-based),
+        set on the optimizer before each update (see :mod:`dptrain.optim.schedules`); None: keep its lr.
+    clip_norm : scale the averaged gradient down to this global L2 norm when it is larger
+        (computed after the exchange, so the same on every rank); 0: no clipping.
+    stop_requested : tells whether this rank has received a stop signal (summed over the ranks each step).
     """
 
     def __init__(self, model, loss, optimizer, data, comm, *, accumulate: int = 1, bucket_mb: float = 4.0,

@@ -1,8 +1,11 @@
-"""What the steps of a run add up to: steps, samples, the exact loss sum, wall time."""
+"""What the steps of a run add up to (steps, samples, the exact loss sum, wall time), and the clock
+that times them without evaluation, checkpoints and sync checks."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
@@ -48,3 +51,28 @@ class RunningTotals:
     @property
     def samples_per_s(self) -> float:
         return self.samples / self.seconds if self.seconds > 0 else math.nan
+
+
+class Stopwatch:
+    """The training clock: :meth:`lap` gives the seconds since the last lap (or :meth:`start`), less
+    the time spent inside :meth:`paused` blocks."""
+
+    def __init__(self) -> None:
+        self._mark = 0.0
+
+    def start(self) -> None:
+        self._mark = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        seconds, self._mark = now - self._mark, now
+        return seconds
+
+    @contextlib.contextmanager
+    def paused(self):
+        """The clock does not run over the body."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._mark += time.perf_counter() - start

@@ -30,9 +30,9 @@ from .callback import Callback
 from .checkpoint_policy import CheckpointPolicy
 from .early_stopping import EarlyStopping
 from .evaluation import VALIDATION_KEYS, evaluate
-from .state import TrainingState, checkpoint_meta
+from .state import TrainingState, broadcast_checkpoint, checkpoint_meta
 from .step import PHASES, StepTimes, TrainingStep
-from .totals import RunningTotals
+from .totals import RunningTotals, Stopwatch
 
 __all__ = ["PHASES", "Callback", "CheckpointPolicy", "RunningTotals", "Trainer"]
 
@@ -51,15 +51,9 @@ class Trainer:
         compared across ranks before step 0.
     on_nan : "error" stops at a NaN/inf loss or gradient (DivergenceError); "skip" skips that update.
     check_sync_every : compare a checksum of the parameters across ranks every N steps; 0: each epoch.
-    accumulate : micro-batches per optimizer step: each rank's share of a global batch is processed in
-        ``accumulate`` parts whose gradients are summed, then exchanged once (less memory per pass).
-    bucket_mb, compression : how gradients are exchanged (see :mod:`dptrain.parallel.exchange`).
-    shard_optimizer : ZeRO stage 1, each rank holds 1/world of the optimizer state
-        (:class:`dptrain.optim.ShardedUpdate`); checkpoints still hold the whole state.
-    lr_schedule : ``lr_schedule(step)`` gives the learning rate of optimizer step ``step`` (0-based),
-        set on the optimizer before each update (see :mod:`dptrain.optim.schedules`); None: keep its lr.
-    clip_norm : scale the averaged gradient down to this global L2 norm when it is larger
-        (computed after the exchange, so the same on every rank); 0: no clipping.
+    accumulate, bucket_mb, compression, shard_optimizer, lr_schedule, clip_norm : how each step runs
+        (micro-batches, the gradient exchange, ZeRO-1, the lr of each step, clipping): see
+        :class:`~dptrain.training.step.TrainingStep`.
     early_stopping : an :class:`EarlyStopping` checked after each epoch's evaluation; None: off.
     stop_on_signals : stop at the next step boundary on SIGTERM, SIGUSR1 or SIGINT (main thread only);
         pass a :class:`StopOnSignal` already entered to also catch signals that arrive before fit().
@@ -111,7 +105,7 @@ class Trainer:
         self._agreed = False  # check_agreement() has passed
         #: running totals of the steps trained by fit() in this process (see :class:`RunningTotals`)
         self.totals = RunningTotals()
-        self._clock_mark = 0.0  # perf_counter reading up to which totals.seconds counts
+        self._clock = Stopwatch()  # times the steps: evaluation, checkpoints and sync checks are paused out
 
     # -- what callbacks read ----------------------------------------------------------------
 
@@ -195,7 +189,7 @@ class Trainer:
         # NaN and overflow are detected per step (GradientGuard) and reported once, not as NumPy warnings
         signals = self._signals if self.stop_on_signals else contextlib.nullcontext()
         with signals, np.errstate(all="ignore"):
-            self._clock_mark = time.perf_counter()
+            self._clock.start()
             while self.epoch < self.epochs and not self.stopped and not self.stopped_early:
                 epoch = self.epoch
                 order = epoch_order(len(self.train_data), self.seed, epoch, self.shuffle)
@@ -205,21 +199,21 @@ class Trainer:
                     step_loss, stop = self.train_step(batch)
                     self.step += 1
                     self.epoch_loss_sum += step_loss
-                    self._count_step(len(batch), step_loss)
+                    self.totals.add(len(batch), step_loss, self._clock.lap())
                     self._dispatch("on_step_end", self.step, step_loss)
                     if self.check_sync_every and self.step % self.check_sync_every == 0:
-                        with self._clock_stopped():
+                        with self._clock.paused():
                             self.check_sync()
                     if stop:
                         self.stopped, self.stop_requests = True, stop
                         break
                     # a step checkpoint at the end of an epoch waits for the epoch's metrics (below)
                     if _due(policy.every_steps, self.step) and k < self.steps_per_epoch - 1:
-                        with self._clock_stopped():
+                        with self._clock.paused():
                             self.save_checkpoint()
                 if self.stopped and self.step < (epoch + 1) * self.steps_per_epoch:
                     break  # stopped mid-epoch: the epoch resumes from here
-                with self._clock_stopped():  # evaluation, the epoch's callbacks and checkpoint
+                with self._clock.paused():  # evaluation, the epoch's callbacks and checkpoint
                     history.append(self._end_epoch(self.totals - epoch_mark))
                     if self.check_sync_every == 0:
                         self.check_sync()
@@ -236,21 +230,6 @@ class Trainer:
     def _dispatch(self, hook: str, *args) -> None:
         for cb in self.callbacks:
             getattr(cb, hook)(self, *args)
-
-    def _count_step(self, samples: int, loss_sum: float) -> None:
-        """Add the step just done to :attr:`totals`, with the time since the last step's."""
-        now = time.perf_counter()
-        self.totals.add(samples, loss_sum, now - self._clock_mark)
-        self._clock_mark = now
-
-    @contextlib.contextmanager
-    def _clock_stopped(self):
-        """The training clock (``totals.seconds``) does not run over the body."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._clock_mark += time.perf_counter() - start
 
     def _end_epoch(self, done: RunningTotals) -> dict[str, Any]:
         """The epoch's metrics (``done``: its steps in this process), evaluation, early stopping, hooks."""
@@ -322,29 +301,13 @@ class Trainer:
         loss so far in the epoch) and broadcasts them, so other ranks need not see the file.
         """
         self.check_agreement()
-        present = np.zeros(1 + TrainingState.size(), dtype=np.float64)  # [present, *TrainingState]
-        if self.comm.rank == 0 and checkpoint is not None:
-            present[0], present[1:] = 1, TrainingState.from_meta(checkpoint.meta).to_array()
-            self.model.load_params(checkpoint.model)
-            self.optimizer.load_state_dict(checkpoint.optimizer)
-            self.last_metrics = dict(checkpoint.meta.get("metrics", {}))
-        self.comm.broadcast(present)
-        if present[0] == 0:
+        state = broadcast_checkpoint(self.comm, checkpoint, self.model, self.optimizer, self.step_fn.sharded)
+        if state is None:
             return False
-        self.comm.broadcast(self.model.param_buffer)
-        self.comm.broadcast(self.model.state_buffer)
-        optimizer_state = self.optimizer.state_dict()  # the full state: rank 0's holds the checkpoint's
-        for array in optimizer_state.values():
-            self.comm.broadcast(array)
-        sharded = self.step_fn.sharded
-        if sharded is not None:
-            sharded.load_state(optimizer_state)
-        state = TrainingState.from_array(present[1:])
+        if self.comm.rank == 0:
+            self.last_metrics = dict(checkpoint.meta.get("metrics", {}))
         self.step, self.epoch, self.epoch_loss_sum = state.step, state.epoch, state.epoch_loss_sum
         self.skipped_steps = state.skipped_steps
-        self.optimizer.steps = state.optimizer_steps
-        if sharded is not None:
-            sharded.optimizer.steps = state.optimizer_steps
         if self.early_stopping is not None:
             self.early_stopping.load_state(state.early_stopping_state())
         self.step_fn.set_lr(max(self.step - 1, 0))  # the lr of the last update, as reported before the stop

@@ -11,13 +11,9 @@ from click.testing import CliRunner
 
 from dptrain.cli import main
 
-from helpers import REPO, dptrain, load_arrays, needs_mpiexec, run
+from helpers import REPO, dptrain, invoke, load_arrays, needs_mpiexec, run
 
 QUICK = ["--set", "train.epochs=2", "--set", "model.hidden=[16]"]
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 def test_train_then_eval_json(tmp_path):

@@ -7,21 +7,15 @@ import sys
 import warnings
 
 import pytest
-from click.testing import CliRunner
 
-from dptrain.cli import main
 from dptrain.config import load_config
 from dptrain.runtime import rank_warnings, sysinfo
 from dptrain.runtime.threads import thread_choice
 
-from helpers import MPIEXEC, REPO, dptrain, needs_mpiexec, run
+from helpers import MPIEXEC, REPO, dptrain, invoke, needs_mpiexec, run
 
 NO_THREAD_VARIABLES = {v: None for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                                          "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")}
-
-
-def invoke(*args: str, env: dict[str, str | None] | None = None):
-    return CliRunner(env=env).invoke(main, list(args), catch_exceptions=False)
 
 
 # ---------------------------------------------------------------------------------------------

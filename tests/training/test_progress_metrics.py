@@ -21,7 +21,7 @@ from dptrain.training.callbacks.metrics import MetricsLogger, metric_columns, re
 from dptrain.training.callbacks.progress import ProgressBar
 from dptrain.training.trainer import Callback
 
-from helpers import dptrain, needs_mpiexec
+from helpers import dptrain, invoke, needs_mpiexec
 
 # 186 training samples, global batch 23: 9 steps per epoch, the last one of 2 samples.
 CONFIG = """
@@ -47,10 +47,6 @@ every_steps = 4
 STEPS_PER_EPOCH = 9
 CLASSIFICATION_COLUMNS = ["kind", "step", "epoch", "train_loss", "val_loss", "val_accuracy", "lr", "samples_per_s",
                           "forward_ms", "backward_ms", "exchange_ms", "optimizer_ms"]
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 @pytest.fixture
