@@ -186,7 +186,7 @@ def prediction_table(outputs: np.ndarray, loss_name: str) -> tuple[list[str], np
 
 
 def write_table_csv(path: str | Path, names: list[str], table: np.ndarray, formats: list[str]) -> Path:
-    """Write a CSV atomically (:func:`dptrain.fileio.write_atomically`): never seen half-written."""
+    """Write a CSV atomically (:func:`dptrain.storage.atomic.write_atomically`): never seen half-written."""
 
     def write(fh) -> None:
         fh.write(",".join(names) + "\n")

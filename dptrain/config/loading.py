@@ -56,7 +56,7 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         if not isinstance(value, str):
             raise bad
         return value
-    if tp is dict:  # a layer table: checked key by key in layer_specs
+    if tp is dict:  # a layer table: checked key by key in dptrain.config.layers
         if not isinstance(value, dict):
             raise bad
         return dict(value)

@@ -1,7 +1,7 @@
 """Python warnings in an MPI job: each rank shows a warning once, and ranks other than 0 say who they are.
 
 Without this, a warning that every rank meets (a NumPy RuntimeWarning, a DeprecationWarning) is
-printed N times, indistinguishably. :func:`install` (called by :class:`dptrain.comm.MPIComm`)
+printed N times, indistinguishably. :func:`install` (called by :class:`dptrain.parallel.comm.MPIComm`)
 replaces :func:`warnings.showwarning` in this process: a (category, message, file, line) already
 shown is not shown again, whatever the warnings filters say; rank 0 shows it as Python does, rank
 r > 0 with every line prefixed ``[rank r] ``::

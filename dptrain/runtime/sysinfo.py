@@ -110,7 +110,7 @@ def gather_hostnames(comm) -> list[str]:
 
 
 def threads(comm, blas: list[dict[str, Any]]) -> tuple[int | None, str]:
-    """BLAS/OpenMP threads per rank, and what set them (:func:`dptrain.launcher.describe_threads`):
+    """BLAS/OpenMP threads per rank, and what set them (:func:`dptrain.runtime.threads.describe_threads`):
     the user's variables, dptrain's cap under MPI (``comm.thread_limit``), or the library's default.
     Without a cap, the count is read from the first of ``blas`` (NumPy's, which does the matrix
     products)."""

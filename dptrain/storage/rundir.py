@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dptrain.errors import UserError
 
+from .atomic import write_atomically
 from .checkpoint import Checkpoint, check_compatible, clean_stale_temporaries, load_checkpoint, step_dirs
 
 
@@ -68,4 +69,4 @@ def set_up_out_dir(out_dir: Path, overwrite: bool, config_toml: str) -> None:
         shutil.rmtree(out_dir / "checkpoints")
     clean_stale_temporaries(out_dir / "checkpoints")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.toml").write_text(config_toml, encoding="utf-8")
+    write_atomically(out_dir / "config.toml", lambda fh: fh.write(config_toml), mode="w")

@@ -177,12 +177,12 @@ def test_init_weight_is_the_same_draw_for_dense_and_conv(init):
 
 
 def test_registries_are_the_single_source_of_names():
-    """config's choices and layer_specs' activation tables come from the registries."""
+    """config's choices and the layer tables' activations come from the registries."""
     import inspect
 
     from dptrain import optim
-    from dptrain.config import layers as layer_specs
     from dptrain.config import schema, validation
+    from dptrain.config.layers import layer_tables
     from dptrain.nn import ACTIVATIONS
     from dptrain.optim import schedules
 
@@ -190,7 +190,7 @@ def test_registries_are_the_single_source_of_names():
     assert schema.LOSS_NAMES == tuple(LOSSES)
     assert schema.OPTIMIZER_NAMES == tuple(optim.OPTIMIZERS)
     assert validation.SCHEDULES == schedules.SCHEDULES
-    types = layer_specs.layer_tables()
+    types = layer_tables()
     for name, cls in ACTIVATIONS.items():
         factory, keys = types[name]
         assert factory is cls
