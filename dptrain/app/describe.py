@@ -7,7 +7,7 @@ from dptrain.data import steps_per_epoch
 from dptrain.launch.jobscript import parse_count
 from dptrain.nn.summary import summary_table
 
-from .bench import describe_model, kernel_layers
+from .bench import describe_model, mlp_layers
 from .build import build_model, build_parts, build_schedule, load_dataset
 
 
@@ -31,7 +31,7 @@ def validation_report(config_path, overrides, world_size: str | None, comm) -> s
     build_schedule(config, steps)  # UserError naming the optim keys
     t, o, model = config.train, config.optim, parts.model
     shape = "x".join(str(d) for d in model.in_shape)
-    if kernel_layers(model) is not None:  # a Dense/activation stack: "MLP 64-32-10 relu"
+    if mlp_layers(model) is not None:  # a Dense/activation stack: "MLP 64-32-10 relu"
         model_text = describe_model(model)
     else:  # the whole chain is what `dptrain model summary` is for
         model_text = f"{len(model.layers)} layers from {shape} to {parts.dataset.n_outputs} outputs"

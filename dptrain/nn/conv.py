@@ -160,6 +160,12 @@ class Conv2D(Layer):
         np.copyto(dx, dxp[:, :, ph:ph + H, pw:pw + W].transpose(1, 0, 2, 3))
         return dx
 
+    def matmuls(self, in_shape: tuple[int, ...], batch: int, input_grad: bool = True) -> list[tuple[int, int, int]]:
+        """z = W (F, K) @ cols (K, M); dW = dz @ cols.T; dcols = W.T @ dz; K = C*kh*kw, M = batch*Ho*Wo."""
+        F, Ho, Wo = self.output_shape(in_shape)
+        K, M = in_shape[0] * self.kernel[0] * self.kernel[1], batch * Ho * Wo
+        return [(F, K, M), (F, M, K)] + ([(K, F, M)] if input_grad else [])
+
     def describe(self) -> str:
         init = "" if self.init == "he" else f", init={self.init}"
         bias = "" if self.bias else ", bias=False"

@@ -156,6 +156,12 @@ class Layer(Workspaces):
         """``input_grad=False``: the caller needs no dx (the first layer of a model); may return None."""
         raise NotImplementedError
 
+    def matmuls(self, in_shape: tuple[int, ...], batch: int, input_grad: bool = True) -> list[tuple[int, int, int]]:
+        """The matrix products (m, k, n), i.e. (m, k) @ (k, n), of one training forward and backward
+        of ``batch`` samples of ``in_shape`` (without the dx product when ``input_grad`` is False):
+        the bare kernel that ``dptrain bench`` times against the layer. None by default."""
+        return []
+
     def describe(self) -> str:
         return type(self).__name__
 
@@ -208,6 +214,11 @@ class Dense(Layer):
         if not input_grad:
             return None  # the first layer: dx would cost a third of this layer's backward for nothing
         return np.matmul(dy, self.params["weight"].T, out=self.workspace("dx", x.shape, dy.dtype))
+
+    def matmuls(self, in_shape: tuple[int, ...], batch: int, input_grad: bool = True) -> list[tuple[int, int, int]]:
+        """y = x @ W; dW = x.T @ dy; dx = dy @ W.T."""
+        d, o = in_shape[0], self.out_features
+        return [(batch, d, o), (d, batch, o)] + ([(batch, o, d)] if input_grad else [])
 
     def describe(self) -> str:
         return f"Dense({self.out_features}, init={self.init}{'' if self.bias else ', bias=False'})"

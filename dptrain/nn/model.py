@@ -9,6 +9,7 @@ therefore one call over one array, and the optimizer updates one array in place.
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
@@ -81,6 +82,9 @@ class Sequential:
             self.layers[spec.layer_index].buffers[spec.key] = self._view(self.state_buffer, spec)
         for layer in self.layers:
             layer.init_buffers()
+        #: (n_layers, 2) seconds of each layer's forward and backward, added up while not None
+        #: (``dptrain bench --layers`` sets it); None: nothing timed
+        self.layer_seconds: np.ndarray | None = None
 
     @staticmethod
     def _view(buffer: np.ndarray, spec: ParamSpec) -> np.ndarray:
@@ -106,8 +110,14 @@ class Sequential:
         """x : (batch, *in_shape) or flat (batch, in_features) -> output (batch, *out_shape)."""
         if x.shape[1:] != self.in_shape:
             x = x.reshape((len(x), *self.in_shape))
-        for layer in self.layers:
-            x = layer.forward(x, train)
+        seconds = self.layer_seconds
+        for i, layer in enumerate(self.layers):
+            if seconds is None:
+                x = layer.forward(x, train)
+            else:
+                start = time.perf_counter()
+                x = layer.forward(x, train)
+                seconds[i, 0] += time.perf_counter() - start
         return x
 
     def backward(self, dy: np.ndarray, input_grad: bool = True,
@@ -119,11 +129,15 @@ class Sequential:
         ``after_layer(i)`` is called once layer i's gradients are final (to start exchanging them).
         """
         first = 0 if input_grad else self._first_param_layer
+        seconds = self.layer_seconds
         for i in range(len(self.layers) - 1, first - 1, -1):
+            start = time.perf_counter() if seconds is not None else 0.0
             if i == first and not input_grad and self._can_skip_dx[i]:
                 self.layers[i].backward(dy, input_grad=False)
             else:  # a user's layer may implement backward(dy) only
                 dy = self.layers[i].backward(dy)
+            if seconds is not None:
+                seconds[i, 1] += time.perf_counter() - start
             if after_layer is not None:
                 after_layer(i)
         return dy if input_grad else None
@@ -154,6 +168,13 @@ class Sequential:
             raise ValueError("parameters differ from the model (given vs model): " + "; ".join(problems))
         for name, view in self.state_arrays().items():
             view[...] = arrays[name]
+
+    def matmuls(self, batch: int) -> list[list[tuple[int, int, int]]]:
+        """Per layer, the matrix products (m, k, n) of one training step on ``batch`` samples
+        (:meth:`Layer.matmuls`; the first layer with parameters computes no input gradient)."""
+        return [layer.matmuls(self.shapes[i], batch, input_grad=i > self._first_param_layer or
+                              not self._can_skip_dx[i])
+                for i, layer in enumerate(self.layers)]
 
     def summary(self) -> list[tuple[str, tuple[int, ...], int]]:
         """One (description, output shape of one sample, parameter count) per layer."""

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from dptrain.app.bench import BareKernel, format_table, kernel_layers, make_report, parse_ranks
+from dptrain.app.bench import BareKernel, format_layers, format_table, make_report, mlp_layers
+from dptrain.app.bench.children import parse_ranks
 from dptrain.cli import main
 from dptrain.errors import UserError
-from dptrain.nn import Dense, Layer, ReLU, Sequential, Tanh
+from dptrain.nn import Conv2D, Dense, Flatten, Layer, ReLU, Sequential, Tanh
 from dptrain.parallel.comm import SingleProcessComm
 
 from helpers import REPO, dptrain, needs_mpiexec
@@ -151,20 +152,59 @@ class Scale(Layer):
         return 2 * dy
 
 
-def test_bare_kernel_follows_the_dense_layers():
+def test_the_bare_kernel_runs_the_layers_matrix_products():
+    comm = SingleProcessComm()
     model = Sequential([Dense(8), ReLU(), Dense(6), Tanh(), Dense(3)], 5, dtype=np.float32)
-    assert [kind for kind, _ in kernel_layers(model)] == ["dense", "relu", "dense", "tanh", "dense"]
-    kernel = BareKernel(model, local_batch=4, comm=SingleProcessComm())
+    assert [kind for kind, _ in mlp_layers(model)] == ["dense", "relu", "dense", "tanh", "dense"]
+    kernel = BareKernel(model, local_batch=4, comm=comm)
     assert kernel.flat.size == model.n_params and kernel.flat.dtype == np.float32
-    assert [a.shape for a in kernel.acts] == [(4, 8), (4, 6), (4, 3)]
+    # x @ W and dW = x.T @ dy for every Dense; dx = dy @ W.T for all but the first (no input gradient)
+    assert kernel.shapes == [[(4, 5, 8), (5, 4, 8)], [], [(4, 8, 6), (8, 4, 6), (4, 6, 8)], [],
+                             [(4, 6, 3), (6, 4, 3), (4, 3, 6)]]
     kernel.step()
-    # the weight gradients sit where the model keeps its weights in the flat buffer; biases are untouched
-    for spec in model.param_specs:
-        part = kernel.flat[spec.offset : spec.offset + spec.size]
-        assert (np.any(part != 0) if spec.key == "weight" else np.all(part == 0)), spec.name
-    np.testing.assert_allclose(kernel.grads[2], kernel.acts[1].T @ kernel.dz, rtol=1e-5)
-    # any other layer: no kernel (reported as null)
-    assert kernel_layers(Sequential([Dense(8), Scale(), Dense(3)], 5)) is None
+    a, b, c = kernel.products[-1][-1]  # the last product of the step
+    np.testing.assert_allclose(c, a @ b, rtol=1e-5)
+    assert [seconds > 0 for seconds in kernel.layer_seconds] == [True, False, True, False, True]
+    # a convolution: its im2col products, z = W (F, K) @ cols (K, M) and dW = dz (F, M) @ cols.T (M, K)
+    cnn = Sequential([Conv2D(4, kernel=3, padding=1), ReLU(), Flatten(), Dense(3)], (2, 5, 5))
+    assert BareKernel(cnn, 2, comm).shapes[0] == [(4, 18, 50), (4, 50, 18)]
+    assert mlp_layers(cnn) is None
+    # a layer of the user's own declares no product: it adds none
+    assert BareKernel(Sequential([Dense(8), Scale(), Dense(3)], 5), 4, comm).shapes[1] == []
+
+
+def test_layers_table_of_a_cnn(tmp_path):
+    config = tmp_path / "cnn.toml"
+    config.write_text("""
+[data]
+name = "synthetic"
+n_samples = 64
+n_features = 48
+n_classes = 3
+shape = [3, 4, 4]
+val_fraction = 0.0
+[model]
+layers = [{type = "conv2d", filters = 4, kernel = 3, padding = 1}, {type = "relu"}, {type = "flatten"}]
+[train]
+batch_size = 16
+""")
+    result = invoke("--config", str(config), "--steps", "3", "--warmup", "1", "--layers", "--json")
+    assert result.exit_code == 0, result.output
+    [run] = json.loads(result.output)["runs"]
+    check_run(run, ranks=1, global_batch=16)
+    rows = run["layers"]
+    assert [r["layer"].split("(")[0] for r in rows] == ["Conv2D", "ReLU", "Flatten", "Dense"]
+    assert [r["output_shape"] for r in rows] == [[4, 4, 4], [4, 4, 4], [64], [3]]
+    assert all(r["forward_ms"] > 0 and r["backward_ms"] >= 0 for r in rows)
+    assert [r["matmul_ms"] is not None for r in rows] == [True, False, False, True]
+    # the layers' forward times are part of the step's forward phase (loss and reshapes are the rest)
+    assert sum(r["forward_ms"] for r in rows) <= run["phases_ms"]["forward"] * 1.05 + 0.05
+    text = format_layers(run).splitlines()
+    assert text[0] == "per layer at 1 rank (ms per step, mean over the ranks):"
+    assert text[1].split()[:3] == ["#", "layer", "output"] and text[2].split()[1].startswith("Conv2D")
+    assert text[-1].split()[:2] == ["all", "layers"]
+    table = invoke("--config", str(config), "--steps", "2", "--warmup", "0", "--layers")
+    assert table.exit_code == 0 and "per layer at 1 rank" in table.output and "matmul ms" in table.output
 
 
 def test_report_without_a_one_rank_run_has_no_efficiency():

@@ -36,8 +36,8 @@ def test_config_list_names_each_builtin_with_its_summary():
     result = CliRunner().invoke(main, ["config", "list"])
     assert result.exit_code == 0
     lines = result.output.splitlines()
-    assert [line.split()[0] for line in lines] == ["diabetes_mlp", "digits_cnn", "digits_mlp"]
-    assert "A small CNN" in lines[1]
+    assert [line.split()[0] for line in lines] == ["bench_cnn", "diabetes_mlp", "digits_cnn", "digits_mlp"]
+    assert "A small CNN" in lines[2]
 
 
 def test_train_with_a_builtin_name(tmp_path, monkeypatch):
@@ -51,5 +51,5 @@ def test_train_with_a_builtin_name(tmp_path, monkeypatch):
 def test_an_unknown_name_lists_the_builtins():
     result = CliRunner().invoke(main, ["config", "show", "--config", "digits_rnn"])
     assert result.exit_code == 2
-    assert result.output == ("error: config digits_rnn: not found (nor a built-in config: diabetes_mlp, digits_cnn, "
+    assert result.output == ("error: config digits_rnn: not found (nor a built-in config: bench_cnn, diabetes_mlp, digits_cnn, "
                              "digits_mlp)\n")
