@@ -5,9 +5,10 @@ Shapes: ``x`` is ``(batch, C, H, W)``; one sample is ``(C, H, W)`` as in ``outpu
 output height is ``(H + 2 * padding - kh) // stride + 1`` (no padding for pooling), the width
 likewise; a layer raises ValueError when that would be empty.
 
-The convolution is an im2col: the windows of the zero-padded input are copied once into a column
-matrix and the whole batch is one matrix multiply; its backward is two more matrix multiplies
-and a col2im that adds the column gradients back, one kernel offset at a time. Pooling loops over
+The convolution is an im2col, channels-last: the windows of the zero-padded input are copied into
+a column matrix (in chunks of samples for a big batch) and each chunk is one matrix multiply; its
+backward is two more matrix multiplies and a col2im that adds the column gradients back, one kernel
+offset at a time. Its output and dx are channels-last in memory (see :class:`Conv2D`). Pooling loops over
 the few offsets of its window, each step vectorized over the batch. As in ``layers.py``, every
 array a forward or backward returns lives in a workspace reused by the next call of the same
 method (whatever its shape), and an empty batch is fine.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .layers import Layer, check_init, init_weight, positive_int
+from .layers import Layer, Workspaces, check_init, init_weight, positive_int
 
 
 def as_pair(value, name: str) -> tuple[int, int]:
@@ -67,6 +68,14 @@ def _offset_slices(Ho: int, Wo: int, window: tuple[int, int], stride: tuple[int,
             for i in range(window[0]) for j in range(window[1])]
 
 
+#: the most bytes a column matrix holds: a bigger batch is processed in chunks of samples
+COLUMN_BYTES = 64 * 2**20
+
+#: scratch that no layer keeps between calls (the padded input, the column matrix), shared by every
+#: Conv2D of the process: its memory is that of the biggest convolution, not the sum of all of them
+_SCRATCH = Workspaces()
+
+
 class Conv2D(Layer):
     """2-D convolution (cross-correlation, as in every framework) with zero padding.
 
@@ -75,6 +84,22 @@ class Conv2D(Layer):
     x : (batch, C, H, W) -> y : (batch, filters, Ho, Wo), Ho = (H + 2 * ph - kh) // sh + 1.
     ``init`` is ``"he"`` (normal, std sqrt(2 / fan_in)) or ``"xavier"`` (std sqrt(2 / (fan_in +
     fan_out))), with fan_in = C * kh * kw and fan_out = filters * kh * kw; the bias starts at zero.
+
+    Computed channels-last, where the matrix products are fastest (measured with OpenBLAS: 1.3-1.8x
+    the GFLOP/s of the channels-first shapes): the input is copied into a zero-padded (batch, Hp, Wp,
+    C) array, its columns are (batch * Ho * Wo, kh * kw * C), and with Wk the weight as (F, kh*kw*C)::
+
+        z = cols @ Wk.T   (M, F)          dWk = dz.T @ cols   (F, K)
+
+    The input gradient of a stride-1 convolution is itself a convolution, of dz padded by
+    (kh - 1 - ph, kw - 1 - pw) with the flipped, transposed kernel: one more product of the same
+    shape, no col2im. Other strides scatter the column gradients back (col2im).
+
+    The output is z seen as (batch, F, Ho, Wo): its memory is channels-last (``y.transpose(0, 2, 3,
+    1)`` is C-contiguous), which the elementwise layers after it keep; dx is returned the same way.
+    Memory: the padded input and the columns are scratch shared by every Conv2D (the columns are
+    made again in backward), and a column matrix holds at most COLUMN_BYTES: beyond, the batch goes
+    in chunks of samples.
     """
 
     def __init__(self, filters: int, kernel, stride=1, padding=0, init: str = "he", bias: bool = True) -> None:
@@ -85,8 +110,7 @@ class Conv2D(Layer):
         self.padding = _pair(padding, "padding", 0)
         self.init = check_init(init)
         self.bias = bool(bias)
-        self._x_shape: tuple[int, ...] | None = None
-        self._cols: np.ndarray | None = None
+        self._x: np.ndarray | None = None  # the input of the last forward (read again by backward)
 
     def param_shapes(self, in_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
         self.output_shape(in_shape)
@@ -103,68 +127,154 @@ class Conv2D(Layer):
         if self.bias:
             self.params["bias"][...] = 0.0
 
+    @staticmethod
+    def _padded(x_nhwc: np.ndarray, ph: int, pw: int) -> np.ndarray:
+        """``x_nhwc`` (N, H, W, C) copied into the middle of a zeroed (N, H + 2ph, W + 2pw, C) scratch."""
+        N, H, W, C = x_nhwc.shape
+        xp = _SCRATCH.workspace("xp", (N, H + 2 * ph, W + 2 * pw, C), x_nhwc.dtype)
+        if ph or pw:  # only the border needs zeroing, the interior is overwritten
+            xp[:, :ph] = 0
+            xp[:, ph + H:] = 0
+            xp[:, :, :pw] = 0
+            xp[:, :, pw + W:] = 0
+        np.copyto(xp[:, ph:ph + H, pw:pw + W], x_nhwc)
+        return xp
+
+    @staticmethod
+    def _columns(xp: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int], Ho: int, Wo: int) -> np.ndarray:
+        """The columns of padded channels-last samples ``xp`` (n, Hp, Wp, C): (n*Ho*Wo, kh*kw*C), scratch."""
+        (kh, kw), (sh, sw) = kernel, stride
+        n, C = xp.shape[0], xp.shape[3]
+        cols = _SCRATCH.workspace("cols", (n, Ho, Wo, kh, kw, C), xp.dtype)
+        win = sliding_window_view(xp, (kh, kw), axis=(1, 2))[:, ::sh, ::sw]  # (n, Ho, Wo, C, kh, kw), a view
+        np.copyto(cols, win.transpose(0, 1, 2, 4, 5, 3))
+        return cols.reshape(n * Ho * Wo, kh * kw * C)
+
+    @staticmethod
+    def _chunk(rows_per_sample: int, K: int, itemsize: int) -> int:
+        """Samples per chunk: as many as keep a column matrix within COLUMN_BYTES (at least one)."""
+        return max(1, COLUMN_BYTES // max(1, rows_per_sample * K * itemsize))
+
+    def _weight_matrix(self, name: str, axes: tuple[int, ...], flip: bool = False) -> np.ndarray:
+        """The weight (F, C, kh, kw) transposed to ``axes`` (flipped in space with ``flip``) and
+        flattened to (first axis, the rest)."""
+        w = self.params["weight"]
+        if flip:
+            w = w[:, :, ::-1, ::-1]
+        t = w.transpose(axes)
+        m = self.workspace(name, t.shape, w.dtype)
+        np.copyto(m, t)
+        return m.reshape(t.shape[0], -1)
+
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
-        """x : (N, C, H, W) -> y : (N, F, Ho, Wo). Caches the columns (C*kh*kw, N*Ho*Wo)."""
+        """x : (N, C, H, W) -> y : (N, F, Ho, Wo), channels-last in memory."""
         if x.ndim != 4:
             raise ValueError(f"{self.describe()} takes a batch of shape (batch, C, H, W), got {x.shape}")
         N, C, H, W = x.shape
-        F, (kh, kw), (sh, sw), (ph, pw) = self.filters, self.kernel, self.stride, self.padding
+        F, (kh, kw), (ph, pw) = self.filters, self.kernel, self.padding
         _, Ho, Wo = self.output_shape((C, H, W))
-        K, M = C * kh * kw, N * Ho * Wo
-        if ph or pw:  # zero-padded copy; only the border needs zeroing, the interior is overwritten
-            xp = self.workspace("xp", (N, C, H + 2 * ph, W + 2 * pw), x.dtype)
-            xp[:, :, :ph] = 0
-            xp[:, :, ph + H:] = 0
-            xp[:, :, :, :pw] = 0
-            xp[:, :, :, pw + W:] = 0
-            xp[:, :, ph:ph + H, pw:pw + W] = x
-        else:
-            xp = x
-        # windows (N, C, Ho, Wo, kh, kw), a view; the columns hold them as (C, kh, kw, N, Ho, Wo)
-        win = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
-        cols = self.workspace("cols", (C, kh, kw, N, Ho, Wo), x.dtype)
-        np.copyto(cols, win.transpose(1, 4, 5, 0, 2, 3))
-        z = self.workspace("z", (F, M), x.dtype)
-        np.matmul(self.params["weight"].reshape(F, K), cols.reshape(K, M), out=z)
-        y = self.workspace("y", (N, F, Ho, Wo), x.dtype)
+        xp = self._padded(x.transpose(0, 2, 3, 1), ph, pw)
+        wk = self._weight_matrix("wk", (0, 2, 3, 1))  # (F, kh*kw*C)
+        z = self.workspace("z", (N, Ho, Wo, F), x.dtype)
+        chunk = self._chunk(Ho * Wo, C * kh * kw, x.dtype.itemsize)
+        for n0 in range(0, N, chunk):
+            cols = self._columns(xp[n0:n0 + chunk], self.kernel, self.stride, Ho, Wo)
+            np.matmul(cols, wk.T, out=z[n0:n0 + chunk].reshape(-1, F))
         if self.bias:
-            np.add(z.reshape(F, N, Ho, Wo).transpose(1, 0, 2, 3), self.params["bias"][:, None, None], out=y)
-        else:
-            np.copyto(y, z.reshape(F, N, Ho, Wo).transpose(1, 0, 2, 3))
-        self._x_shape, self._cols = x.shape, cols
-        return y
+            z += self.params["bias"]
+        self._x = x
+        return z.transpose(0, 3, 1, 2)
 
     def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
-        """dy : (N, F, Ho, Wo) -> dx : (N, C, H, W); writes dW (F, C, kh, kw) and db (F,)."""
-        N, C, H, W = self._x_shape
+        """dy : (N, F, Ho, Wo) -> dx : (N, C, H, W), channels-last in memory; writes dW (F, C, kh, kw)
+        and db (F,)."""
+        x = self._x
+        N, C, H, W = x.shape
         F, (kh, kw), (ph, pw) = self.filters, self.kernel, self.padding
-        Ho, Wo = self._cols.shape[4:]
-        K, M = C * kh * kw, N * Ho * Wo
-        dz = self.workspace("dz", (F, N, Ho, Wo), dy.dtype)
-        np.copyto(dz, dy.reshape(N, F, Ho, Wo).transpose(1, 0, 2, 3))
-        dz = dz.reshape(F, M)
-        np.matmul(dz, self._cols.reshape(K, M).T, out=self.grads["weight"].reshape(F, K))
+        Ho, Wo = dy.shape[2:]
+        dz = dy.transpose(0, 2, 3, 1)  # (N, Ho, Wo, F): a view when dy is channels-last, as ours are
+        if not dz.flags.c_contiguous:
+            copy = self.workspace("dz", dz.shape, dy.dtype)
+            np.copyto(copy, dz)
+            dz = copy
+        self._weight_gradient(x, dz)
         if self.bias:
-            np.sum(dz, axis=1, out=self.grads["bias"])
+            np.sum(dz.reshape(-1, F), axis=0, out=self.grads["bias"])
         if not input_grad:
             return None
-        dcols = self.workspace("dcols", (C, kh, kw, N, Ho, Wo), dy.dtype)
-        np.matmul(self.params["weight"].reshape(F, K).T, dz, out=dcols.reshape(K, M))
-        # col2im: add each kernel offset's gradients back where that offset read, in (C, N, ...)
-        # layout so both sides of every += have the same memory order
-        dxp = self.workspace("dxp", (C, N, H + 2 * ph, W + 2 * pw), dy.dtype)
+        dx = self.workspace("dx", (N, H, W, C), dy.dtype)
+        if self.stride == (1, 1) and ph <= kh - 1 and pw <= kw - 1:
+            self._input_gradient_as_convolution(dz, dx)
+        else:
+            self._input_gradient_by_col2im(dz, dx)
+        return dx.transpose(0, 3, 1, 2)
+
+    def _weight_gradient(self, x: np.ndarray, dz: np.ndarray) -> None:
+        """dW from the input's columns (made again, chunk by chunk) and dz (N, Ho, Wo, F)."""
+        N, C, H, W = x.shape
+        F, (kh, kw), (ph, pw) = self.filters, self.kernel, self.padding
+        Ho, Wo = dz.shape[1:3]
+        K = C * kh * kw
+        dwk = self.workspace("dwk", (F, kh, kw, C), dz.dtype)
+        dwk.fill(0)
+        part = self.workspace("dwk_part", (F, K), dz.dtype)
+        xp = self._padded(x.transpose(0, 2, 3, 1), ph, pw)
+        dz2 = dz.reshape(N * Ho * Wo, F)
+        chunk = self._chunk(Ho * Wo, K, dz.dtype.itemsize)
+        for n0 in range(0, N, chunk):
+            n1 = min(N, n0 + chunk)
+            cols = self._columns(xp[n0:n1], self.kernel, self.stride, Ho, Wo)
+            np.matmul(dz2[n0 * Ho * Wo:n1 * Ho * Wo].T, cols, out=part)
+            dwk.reshape(F, K)[...] += part
+        np.copyto(self.grads["weight"], dwk.transpose(0, 3, 1, 2))
+
+    def _input_gradient_as_convolution(self, dz: np.ndarray, dx: np.ndarray) -> None:
+        """Stride 1: dx (N, H, W, C) = the convolution of dz padded by (kh-1-ph, kw-1-pw) with the
+        kernel flipped in space and its channels swapped."""
+        N, H, W, C = dx.shape
+        F, (kh, kw), (ph, pw) = self.filters, self.kernel, self.padding
+        wf = self._weight_matrix("wflip", (1, 2, 3, 0), flip=True)  # (C, kh*kw*F)
+        dzp = self._padded(dz, kh - 1 - ph, kw - 1 - pw)
+        chunk = self._chunk(H * W, kh * kw * F, dz.dtype.itemsize)
+        for n0 in range(0, N, chunk):
+            cols = self._columns(dzp[n0:n0 + chunk], self.kernel, (1, 1), H, W)
+            np.matmul(cols, wf.T, out=dx[n0:n0 + chunk].reshape(-1, C))
+
+    def _input_gradient_by_col2im(self, dz: np.ndarray, dx: np.ndarray) -> None:
+        """Any stride: the column gradients dz @ Wk added back where each kernel offset read."""
+        N, H, W, C = dx.shape
+        F, (kh, kw), (sh, sw), (ph, pw) = self.filters, self.kernel, self.stride, self.padding
+        Ho, Wo = dz.shape[1:3]
+        K = C * kh * kw
+        wk = self._weight_matrix("wk", (0, 2, 3, 1))
+        dxp = _SCRATCH.workspace("xp", (N, H + 2 * ph, W + 2 * pw, C), dz.dtype)
         dxp.fill(0)
-        for k, (rows, cols) in enumerate(_offset_slices(Ho, Wo, self.kernel, self.stride)):
-            dxp[:, :, rows, cols] += dcols[:, k // kw, k % kw]
-        dx = self.workspace("dx", (N, C, H, W), dy.dtype)
-        np.copyto(dx, dxp[:, :, ph:ph + H, pw:pw + W].transpose(1, 0, 2, 3))
-        return dx
+        dz2 = dz.reshape(N * Ho * Wo, F)
+        chunk = self._chunk(Ho * Wo, K, dz.dtype.itemsize)
+        for n0 in range(0, N, chunk):
+            n1 = min(N, n0 + chunk)
+            dcols = _SCRATCH.workspace("cols", (n1 - n0, Ho, Wo, kh, kw, C), dz.dtype)
+            np.matmul(dz2[n0 * Ho * Wo:n1 * Ho * Wo], wk, out=dcols.reshape(-1, K))
+            target = dxp[n0:n1]
+            for a in range(kh):
+                for b in range(kw):
+                    target[:, a:a + sh * (Ho - 1) + 1:sh, b:b + sw * (Wo - 1) + 1:sw] += dcols[:, :, :, a, b]
+        np.copyto(dx, dxp[:, ph:ph + H, pw:pw + W])
 
     def matmuls(self, in_shape: tuple[int, ...], batch: int, input_grad: bool = True) -> list[tuple[int, int, int]]:
-        """z = W (F, K) @ cols (K, M); dW = dz @ cols.T; dcols = W.T @ dz; K = C*kh*kw, M = batch*Ho*Wo."""
+        """z = cols (M, K) @ Wk.T (K, F); dWk = dz.T (F, M) @ cols (M, K); and for dx, at stride 1 the
+        columns of dz (batch*H*W, kh*kw*F) @ the flipped kernel (kh*kw*F, C), else dcols = dz (M, F) @
+        Wk (F, K); K = C*kh*kw, M = batch*Ho*Wo."""
+        C, H, W = in_shape
         F, Ho, Wo = self.output_shape(in_shape)
-        K, M = in_shape[0] * self.kernel[0] * self.kernel[1], batch * Ho * Wo
-        return [(F, K, M), (F, M, K)] + ([(K, F, M)] if input_grad else [])
+        (kh, kw), (ph, pw) = self.kernel, self.padding
+        K, M = C * kh * kw, batch * Ho * Wo
+        products = [(M, K, F), (F, M, K)]
+        if input_grad and self.stride == (1, 1) and ph <= kh - 1 and pw <= kw - 1:
+            products.append((batch * H * W, kh * kw * F, C))
+        elif input_grad:
+            products.append((M, F, K))
+        return products
 
     def describe(self) -> str:
         init = "" if self.init == "he" else f", init={self.init}"
@@ -204,37 +314,48 @@ class MaxPool2D(_Pool2D):
 
     Backward routes each output's gradient to the argmax of its window; on ties, to the first
     maximal element in row-major order within the window (only that one). Overlapping windows
-    (stride < pool) add up their gradients.
+    (stride < pool) add up their gradients. A NaN in a window makes its maximum NaN.
+
+    Forward is a running np.maximum over the window's offsets (no argmax kept); backward finds, per
+    offset in order, the elements equal to the maximum that no earlier offset took. The output
+    keeps the input's memory order (channels-last after a Conv2D).
     """
 
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
         Ho, Wo, slices = self._start(x)
-        shape = (len(x), x.shape[1], Ho, Wo)
-        y = self.workspace("y", shape, x.dtype)
-        arg = self.workspace("arg", shape, np.int32)  # the winning offset of each window
-        better = self.workspace("better", shape, np.bool_)
+        y = self.workspace_like("y", x, shape=(len(x), x.shape[1], Ho, Wo))
         np.copyto(y, x[:, :, slices[0][0], slices[0][1]])
-        arg.fill(0)
-        for k, (rows, cols) in enumerate(slices[1:], start=1):
-            v = x[:, :, rows, cols]
-            np.greater(v, y, out=better)  # strict: a tie keeps the earlier offset
-            np.copyto(y, v, where=better)
-            np.copyto(arg, k, where=better)
-        self._arg = arg
+        for rows, cols in slices[1:]:
+            np.maximum(y, x[:, :, rows, cols], out=y)
+        self._x, self._y = x, y
         return y
 
     def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray:
         """dy : (N, C, Ho, Wo) -> dx : (N, C, H, W)."""
-        arg = self._arg
-        dy = dy.reshape(arg.shape)
-        dx = self.workspace("dx", self._x_shape, dy.dtype)
-        dx.fill(0)
-        mask = self.workspace("mask", arg.shape, np.bool_)
-        t = self.workspace("t", arg.shape, dy.dtype)
-        for k, (rows, cols) in enumerate(_offset_slices(*arg.shape[2:], self.pool, self.stride)):
-            np.equal(arg, k, out=mask)
-            np.multiply(dy, mask, out=t)
-            dx[:, :, rows, cols] += t
+        x, y = self._x, self._y
+        dy = dy.reshape(y.shape)
+        N, C, H, W = x.shape
+        Ho, Wo = y.shape[2:]
+        slices = _offset_slices(Ho, Wo, self.pool, self.stride)
+        # windows that tile the image exactly: each input element is in one window, written once
+        tiled = self.stride == self.pool and H == Ho * self.pool[0] and W == Wo * self.pool[1]
+        dx = self.workspace_like("dx", x, dy.dtype)
+        if not tiled:
+            dx.fill(0)
+        mask = self.workspace_like("mask", y, np.bool_)
+        taken = self.workspace_like("taken", y, np.bool_)
+        t = None if tiled else self.workspace_like("t", y, dy.dtype)
+        for k, (rows, cols) in enumerate(slices):
+            np.equal(x[:, :, rows, cols], y, out=mask)
+            if k:
+                np.greater(mask, taken, out=mask)  # mask and not taken: a tie goes to the first offset
+            if k < len(slices) - 1:
+                np.logical_or(taken, mask, out=taken) if k else np.copyto(taken, mask)
+            if tiled:
+                np.multiply(dy, mask, out=dx[:, :, rows, cols])
+            else:
+                np.multiply(dy, mask, out=t)
+                dx[:, :, rows, cols] += t
         return dx
 
 
@@ -243,7 +364,7 @@ class AvgPool2D(_Pool2D):
 
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
         Ho, Wo, slices = self._start(x)
-        y = self.workspace("y", (len(x), x.shape[1], Ho, Wo), x.dtype)
+        y = self.workspace_like("y", x, shape=(len(x), x.shape[1], Ho, Wo))
         np.copyto(y, x[:, :, slices[0][0], slices[0][1]])
         for rows, cols in slices[1:]:
             y += x[:, :, rows, cols]
@@ -256,9 +377,9 @@ class AvgPool2D(_Pool2D):
         N, C, H, W = self._x_shape
         _, Ho, Wo = self.output_shape((C, H, W))
         slices = _offset_slices(Ho, Wo, self.pool, self.stride)
-        g = self.workspace("g", (N, C, Ho, Wo), dy.dtype)
+        g = self.workspace_like("g", dy, shape=(N, C, Ho, Wo))
         np.multiply(dy.reshape(N, C, Ho, Wo), 1.0 / len(slices), out=g)
-        dx = self.workspace("dx", self._x_shape, dy.dtype)
+        dx = self.workspace_like("dx", g, shape=self._x_shape)
         dx.fill(0)
         for rows, cols in slices:
             dx[:, :, rows, cols] += g

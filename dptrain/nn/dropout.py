@@ -130,15 +130,15 @@ class Dropout(Layer):
             if sample_index.shape != (len(x),):
                 raise ValueError(f"batch_info has {sample_index.shape} sample indices for a batch of {len(x)}")
         keep = self.keep_mask(step, sample_index, x.shape[1:])
-        scale = self.workspace("scale", x.shape, x.dtype)
+        scale = self.workspace_like("scale", x)
         np.multiply(keep, 1.0 / (1.0 - self.rate), out=scale, dtype=x.dtype)
         self._scale = scale
-        return np.multiply(x, scale, out=self.workspace("y", x.shape, x.dtype))
+        return np.multiply(x, scale, out=self.workspace_like("y", x))
 
     def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray:
         if self._scale is None:
             return dy
-        return np.multiply(dy, self._scale, out=self.workspace("dx", dy.shape, dy.dtype))
+        return np.multiply(dy, self._scale, out=self.workspace_like("dx", dy))
 
     def describe(self) -> str:
         return f"Dropout({self.rate:g})"

@@ -73,6 +73,16 @@ class Workspaces:
             flat = pool[key] = np.empty(size, dtype=dtype)
         return flat[:size].reshape(shape)
 
+    def workspace_like(self, name: str, like: np.ndarray, dtype=None, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """A scratch array of ``shape`` (default: ``like``'s) and ``dtype`` (default: ``like``'s) whose
+        memory order follows ``like``'s: a channels-last input gives a channels-last output, so an
+        elementwise pass over both streams through memory instead of transposing. Otherwise as
+        :meth:`workspace` (a view of that name's buffer)."""
+        shape = like.shape if shape is None else shape
+        order = sorted(range(like.ndim), key=lambda axis: -like.strides[axis])  # outermost first
+        flat = self.workspace(name, tuple(shape[axis] for axis in order), like.dtype if dtype is None else dtype)
+        return flat.transpose(np.argsort(order))
+
     def workspace_nbytes(self) -> int:
         """The bytes held by this object's workspaces."""
         return sum(flat.nbytes for flat in self.__dict__.get("_workspaces", {}).values())
@@ -230,12 +240,12 @@ class ReLU(Layer):
     preferred_init = "he"
 
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
-        self._y = np.maximum(x, 0, out=self.workspace("y", x.shape, x.dtype))
+        self._y = np.maximum(x, 0, out=self.workspace_like("y", x))
         return self._y
 
     def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray:
-        mask = np.greater(self._y, 0, out=self.workspace("mask", dy.shape, np.bool_))
-        return np.multiply(dy, mask, out=self.workspace("dx", dy.shape, dy.dtype))
+        mask = np.greater(self._y, 0, out=self.workspace_like("mask", dy, np.bool_))
+        return np.multiply(dy, mask, out=self.workspace_like("dx", dy))
 
 
 class Tanh(Layer):
@@ -244,11 +254,11 @@ class Tanh(Layer):
     preferred_init = "xavier"
 
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
-        self._y = np.tanh(x, out=self.workspace("y", x.shape, x.dtype))
+        self._y = np.tanh(x, out=self.workspace_like("y", x))
         return self._y
 
     def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray:
-        dx = np.multiply(self._y, self._y, out=self.workspace("dx", dy.shape, dy.dtype))
+        dx = np.multiply(self._y, self._y, out=self.workspace_like("dx", dy))
         np.subtract(1, dx, out=dx)
         dx *= dy
         return dx
@@ -261,7 +271,7 @@ class Sigmoid(Layer):
 
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
         # sigmoid(x) = (1 + tanh(x / 2)) / 2: no exp, so nothing overflows at any x.
-        y = np.multiply(x, 0.5, out=self.workspace("y", x.shape, x.dtype))
+        y = np.multiply(x, 0.5, out=self.workspace_like("y", x))
         np.tanh(y, out=y)
         y += 1
         y *= 0.5
@@ -269,7 +279,7 @@ class Sigmoid(Layer):
         return y
 
     def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray:
-        dx = np.subtract(1, self._y, out=self.workspace("dx", dy.shape, dy.dtype))
+        dx = np.subtract(1, self._y, out=self.workspace_like("dx", dy))
         dx *= self._y
         dx *= dy
         return dx
@@ -289,15 +299,15 @@ class LeakyReLU(Layer):
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
         # the local slope, exactly 1 or negative_slope, cached for backward: y = x * slope and
         # dx = dy * slope (ufuncs ~10x faster than copyto(..., where=x > 0) on unpredictable signs)
-        positive = np.greater(x, 0, out=self.workspace("positive", x.shape, np.bool_))
-        other = np.logical_not(positive, out=self.workspace("other", x.shape, np.bool_))
-        slope = np.multiply(other, self.negative_slope, out=self.workspace("slope", x.shape, x.dtype), dtype=x.dtype)
+        positive = np.greater(x, 0, out=self.workspace_like("positive", x, np.bool_))
+        other = np.logical_not(positive, out=self.workspace_like("other", x, np.bool_))
+        slope = np.multiply(other, self.negative_slope, out=self.workspace_like("slope", x), dtype=x.dtype)
         np.add(slope, positive, out=slope, dtype=x.dtype)
         self._slope = slope
-        return np.multiply(x, slope, out=self.workspace("y", x.shape, x.dtype))
+        return np.multiply(x, slope, out=self.workspace_like("y", x))
 
     def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray:
-        return np.multiply(dy, self._slope, out=self.workspace("dx", dy.shape, dy.dtype))
+        return np.multiply(dy, self._slope, out=self.workspace_like("dx", dy))
 
     def describe(self) -> str:
         return f"LeakyReLU({self.negative_slope:g})"
@@ -316,16 +326,16 @@ class GELU(Layer):
     _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
-        cdf = np.multiply(x, self._SQRT_HALF, out=self.workspace("cdf", x.shape, x.dtype))
+        cdf = np.multiply(x, self._SQRT_HALF, out=self.workspace_like("cdf", x))
         erf(cdf, out=cdf)
         cdf += 1
         cdf *= 0.5
         self._x, self._cdf = x, cdf
-        return np.multiply(x, cdf, out=self.workspace("y", x.shape, x.dtype))
+        return np.multiply(x, cdf, out=self.workspace_like("y", x))
 
     def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray:
         x = self._x
-        dx = np.multiply(x, x, out=self.workspace("dx", dy.shape, dy.dtype))
+        dx = np.multiply(x, x, out=self.workspace_like("dx", dy))
         dx *= -0.5
         np.exp(dx, out=dx)
         dx *= self._INV_SQRT_2PI  # phi(x)

@@ -165,9 +165,9 @@ def test_the_bare_kernel_runs_the_layers_matrix_products():
     a, b, c = kernel.products[-1][-1]  # the last product of the step
     np.testing.assert_allclose(c, a @ b, rtol=1e-5)
     assert [seconds > 0 for seconds in kernel.layer_seconds] == [True, False, True, False, True]
-    # a convolution: its im2col products, z = W (F, K) @ cols (K, M) and dW = dz (F, M) @ cols.T (M, K)
+    # a convolution: its channels-last products, z = cols (M, K) @ Wk.T (K, F) and dW = dz.T (F, M) @ cols (M, K)
     cnn = Sequential([Conv2D(4, kernel=3, padding=1), ReLU(), Flatten(), Dense(3)], (2, 5, 5))
-    assert BareKernel(cnn, 2, comm).shapes[0] == [(4, 18, 50), (4, 50, 18)]
+    assert BareKernel(cnn, 2, comm).shapes[0] == [(50, 18, 4), (4, 50, 18)]
     assert mlp_layers(cnn) is None
     # a layer of the user's own declares no product: it adds none
     assert BareKernel(Sequential([Dense(8), Scale(), Dense(3)], 5), 4, comm).shapes[1] == []

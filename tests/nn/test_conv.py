@@ -69,6 +69,7 @@ CONV_CASES = [
     pytest.param(2, (3, 2), (2, 1), (0, 2), (3, 6, 3), id="pairs-everywhere"),
     pytest.param(3, 1, 1, 0, (2, 3, 3), id="1x1"),
     pytest.param(2, 2, 3, 1, (2, 5, 5), id="stride-gt-kernel"),
+    pytest.param(2, 1, 1, 1, (2, 3, 4), id="padding-gt-kernel-minus-1"),
 ]
 
 
@@ -117,7 +118,27 @@ def test_conv_reuses_its_workspaces():
     # a smaller batch reuses the same memory too: one buffer per workspace, not one per batch shape
     y3, dx3 = model.forward(x[:2]), model.backward(r[:2])
     assert y3.ctypes.data == y1.ctypes.data and dx3.ctypes.data == dx1.ctypes.data
-    assert y3.flags.c_contiguous and dx3.flags.c_contiguous
+    # channels-last in memory, as the layer documents: (N, H, W, C) views are C-contiguous
+    assert y3.transpose(0, 2, 3, 1).flags.c_contiguous and dx3.transpose(0, 2, 3, 1).flags.c_contiguous
+
+
+@pytest.mark.parametrize("filters, kernel, stride, padding, in_shape", CONV_CASES)
+def test_conv_in_chunks_equals_the_whole_batch(monkeypatch, filters, kernel, stride, padding, in_shape):
+    """A column matrix bigger than COLUMN_BYTES is made in chunks of samples (and again in backward):
+    the same output and gradients, in float64 to rounding, and the layer takes any input layout."""
+    from dptrain.nn import conv
+
+    rng = np.random.default_rng(6)
+    _, model = conv_model(rng, in_shape, filters=filters, kernel=kernel, stride=stride, padding=padding)
+    x = rng.standard_normal((5, *in_shape))
+    r = rng.standard_normal((5, *model.out_shape))
+    y, dx = model.forward(x).copy(), model.backward(r).copy()
+    grads = model.grad_buffer.copy()
+    monkeypatch.setattr(conv, "COLUMN_BYTES", 1)  # one sample per chunk
+    channels_last = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(model.forward(channels_last), y, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(model.backward(np.ascontiguousarray(r)), dx, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(model.grad_buffer, grads, rtol=1e-13, atol=1e-13)
 
 
 # std = sqrt(1 / fan): He uses fan_in / 2 = C*kh*kw / 2, Xavier (fan_in + fan_out) / 2
