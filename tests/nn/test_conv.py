@@ -122,6 +122,44 @@ def test_conv_reuses_its_workspaces():
     assert y3.transpose(0, 2, 3, 1).flags.c_contiguous and dx3.transpose(0, 2, 3, 1).flags.c_contiguous
 
 
+def naive_conv_dx(dz, w, stride, padding, in_shape):
+    """dx of a convolution by its definition: each output's gradient times the weight, added where it read."""
+    (sh, sw), (ph, pw), (C, H, W) = stride, padding, in_shape
+    N, F, Ho, Wo = dz.shape
+    kh, kw = w.shape[2:]
+    dxp = np.zeros((N, C, H + 2 * ph, W + 2 * pw))
+    for a in range(kh):
+        for b in range(kw):
+            dxp[:, :, a:a + sh * (Ho - 1) + 1:sh, b:b + sw * (Wo - 1) + 1:sw] += np.einsum("nfij,fc->ncij", dz, w[:, :, a, b])
+    return dxp[:, :, ph:ph + H, pw:pw + W]
+
+
+@pytest.mark.parametrize("filters, kernel, stride, padding, in_shape", CONV_CASES)
+def test_conv_dx_matches_its_definition(filters, kernel, stride, padding, in_shape):
+    """dx, as a convolution with the flipped kernel (stride 1) or by col2im (else), against the
+    definition in float64 to 1e-12."""
+    rng = np.random.default_rng(7)
+    layer, model = conv_model(rng, in_shape, filters=filters, kernel=kernel, stride=stride, padding=padding)
+    x = rng.standard_normal((3, *in_shape))
+    dz = rng.standard_normal((3, *model.out_shape))
+    model.forward(x)
+    expected = naive_conv_dx(dz, layer.params["weight"], layer.stride, layer.padding, in_shape)
+    np.testing.assert_allclose(model.backward(dz), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_two_input_gradients_agree():
+    """At stride 1 both ways of computing dx exist: they agree in float64 to 1e-12."""
+    rng = np.random.default_rng(8)
+    layer, model = conv_model(rng, (3, 6, 5), filters=4, kernel=3, stride=1, padding=1)
+    x = rng.standard_normal((2, 3, 6, 5))
+    dz = np.ascontiguousarray(rng.standard_normal((2, 4, 6, 5)).transpose(0, 2, 3, 1))
+    model.forward(x)
+    by_convolution, by_col2im = np.empty((2, 6, 5, 3)), np.empty((2, 6, 5, 3))
+    layer._input_gradient_as_convolution(dz, by_convolution)
+    layer._input_gradient_by_col2im(dz, by_col2im)
+    np.testing.assert_allclose(by_convolution, by_col2im, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("filters, kernel, stride, padding, in_shape", CONV_CASES)
 def test_conv_in_chunks_equals_the_whole_batch(monkeypatch, filters, kernel, stride, padding, in_shape):
     """A column matrix bigger than COLUMN_BYTES is made in chunks of samples (and again in backward):
