@@ -113,7 +113,12 @@ def positive_int(value, what: str) -> int:
 
 
 class Layer(Workspaces):
-    """Base class. A layer without parameters only overrides ``forward`` and ``backward``."""
+    """Base class. A layer without parameters only overrides ``forward`` and ``backward``.
+
+    Arrays are defined by their shape, not their memory layout: after a Conv2D, a (batch, C, H, W)
+    array is channels-last in memory, and the layers here allocate their outputs in their input's
+    memory order (:meth:`workspace_like`) so that it stays so.
+    """
 
     #: the forward pass depends on the whole global batch (synchronized BatchNorm): gradient
     #: accumulation would change it, and a global batch of one value cannot be normalised
