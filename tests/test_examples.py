@@ -22,14 +22,16 @@ def run_example(name: str, cwd, ranks: int | None):
 
 
 def test_every_example_is_tested():
-    assert EXAMPLES == ["custom_callback.py", "train_cnn.py", "train_mlp.py"]
+    assert EXAMPLES == ["custom_callback.py", "custom_layer.py", "train_cnn.py", "train_mlp.py"]
 
 
-@pytest.mark.parametrize("ranks", RANKS)
-def test_train_mlp(tmp_path, ranks):
-    lines = run_example("train_mlp.py", tmp_path, ranks)
+def check_train_mlp(lines, folder) -> None:
     assert float(lines[-1].split("val_accuracy")[1]) > 0.95
-    assert (tmp_path / "runs" / "api" / "checkpoints" / "latest" / "model.npz").is_file()
+    assert (folder / "runs" / "api" / "checkpoints" / "latest" / "model.npz").is_file()
+
+
+def test_train_mlp(tmp_path):
+    check_train_mlp(run_example("train_mlp.py", tmp_path, None), tmp_path)
 
 
 @pytest.mark.parametrize("ranks", RANKS)
@@ -48,10 +50,19 @@ def test_custom_callback(tmp_path, ranks):
 
 
 @needs_mpiexec
-def test_train_mlp_gives_the_same_weights_at_two_ranks(tmp_path):
-    """float32, so equal up to rounding: the sums over a global batch are added in another order."""
+def test_train_mlp_at_two_ranks_gives_the_same_weights(tmp_path):
+    """It runs under mpiexec, and ends with the single process's weights: float32, so equal up to rounding
+    (the sums over a global batch are added in another order)."""
     for folder, ranks in (("one", None), ("two", 2)):
         (tmp_path / folder).mkdir()
-        run_example("train_mlp.py", tmp_path / folder, ranks)
+        check_train_mlp(run_example("train_mlp.py", tmp_path / folder, ranks), tmp_path / folder)
     one, two = (load_arrays(tmp_path / d / "runs" / "api" / "checkpoints" / "latest" / "model.npz") for d in ("one", "two"))
     assert_arrays_close(two, one, rtol=1e-4)
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+def test_custom_layer_in_a_residual_block(tmp_path, ranks):
+    """The example's own layer learns (its scale leaves 0.1) and the ResNet around it trains."""
+    [line] = run_example("custom_layer.py", tmp_path, ranks)
+    gamma, accuracy = line.split(";")
+    assert float(gamma.split()[-1]) > 0.2 and float(accuracy.split()[-1]) > 0.95

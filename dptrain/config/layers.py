@@ -19,20 +19,23 @@ layer as wide as the classes or target columns, after a Flatten if the last shap
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from dptrain.errors import UserError
-from dptrain.nn import conv, dropout, norm
+from dptrain.nn import conv, dropout, norm, pooling
 from dptrain.nn import layers as L
-from dptrain.nn.conv import as_pair
+from dptrain.nn.residual import Residual
+from dptrain.nn.windows import as_pair
 
 
 @dataclass(frozen=True)
 class Key:
-    """One key of a layer table: its kind ("int", "float", "size" = an int or a pair of ints, or
-    a tuple of allowed strings), whether it is required, and the constructor argument it feeds."""
+    """One key of a layer table: its kind ("int", "float", "bool", "size" = an int or a pair of ints,
+    "layers" = a list of layer tables, or a tuple of allowed strings), whether it is required, and the
+    constructor argument it feeds."""
 
     kind: Any
     required: bool = False
@@ -51,9 +54,11 @@ def layer_tables() -> dict[str, tuple[Callable[..., L.Layer], dict[str, Key]]]:
         "dense": (L.Dense, {"units": Key("int", True, arg="out_features"), "init": init, "bias": Key("bool")}),
         "conv2d": (conv.Conv2D, {"filters": Key("int", True), "kernel": Key("size", True), "stride": Key("size"),
                                  "padding": Key("size"), "init": init, "bias": Key("bool")}),
-        "maxpool2d": (conv.MaxPool2D, pool),
-        "avgpool2d": (conv.AvgPool2D, pool),
+        "maxpool2d": (pooling.MaxPool2D, pool),
+        "avgpool2d": (pooling.AvgPool2D, pool),
         "flatten": (conv.Flatten, {}),
+        "globalavgpool": (pooling.GlobalAvgPool, {}),
+        "residual": (Residual, {"layers": Key("layers", True, arg="body"), "shortcut": Key("layers")}),
         "batchnorm": (norm.BatchNorm, {"momentum": Key("float"), "eps": Key("float")}),
         "layernorm": (norm.LayerNorm, {"eps": Key("float")}),
         "dropout": (dropout.Dropout, {"rate": Key("float", True)}),
@@ -76,6 +81,9 @@ def _value(kind: Any, value: Any, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         value = float(value)
+    elif kind == "layers":  # a list of layer tables: made by make_layer, under this key's path
+        if not isinstance(value, (list, tuple)) or not all(isinstance(t, dict) for t in value):
+            raise bad("a list of layer tables")
     elif kind == "size":  # the layer checks the range
         try:
             as_pair(value, key)
@@ -86,13 +94,14 @@ def _value(kind: Any, value: Any, key: str) -> Any:
     return value
 
 
-def make_layer(table: dict[str, Any], index: int, seed: int = 0) -> L.Layer:
-    """The layer of ``model.layers[index]``; UserError naming the key for anything wrong.
+def make_layer(table: dict[str, Any], index: int, seed: int = 0, where: str | None = None) -> L.Layer:
+    """The layer of ``model.layers[index]`` (or of the table at ``where``, inside a block); UserError
+    naming the key for anything wrong.
 
-    Dropout gets ``seed`` and its index as the salt of its masks, so two Dropout layers never
-    share a mask and a run's masks depend only on the config.
+    Dropout gets ``seed`` and a salt of its own: its index for a top-level table, a hash of its path
+    inside a block, so two Dropout layers never share a mask and a run's masks depend only on the config.
     """
-    where = f"model.layers[{index}]"
+    where = where or f"model.layers[{index}]"
     types = layer_tables()
     kind = table.get("type")
     if not isinstance(kind, str) or kind not in types:
@@ -107,8 +116,12 @@ def make_layer(table: dict[str, Any], index: int, seed: int = 0) -> L.Layer:
         raise UserError(f"{where}: type {kind!r} needs {missing[0]!r}")
     kwargs = {(spec.arg or k): _value(spec.kind, table[k], f"{where}.{k}")
               for k, spec in keys.items() if k in table}
+    for key, spec in keys.items():
+        if spec.kind == "layers" and key in table:  # the tables of a block, made under their own paths
+            kwargs[spec.arg or key] = [make_layer(t, j, seed, f"{where}.{key}[{j}]") for j, t in enumerate(table[key])]
     if kind == "dropout":
-        kwargs.update(seed=seed, salt=index)
+        salt = index if where == f"model.layers[{index}]" else zlib.crc32(where.encode())
+        kwargs.update(seed=seed, salt=salt)
     try:
         return factory(**kwargs)
     except ValueError as exc:

@@ -1,4 +1,4 @@
-"""Layers for images in NCHW layout: 2-D convolution, max and average pooling, and Flatten.
+"""Layers for images in NCHW layout: 2-D convolution and Flatten (pooling: :mod:`.pooling`).
 
 Shapes: ``x`` is ``(batch, C, H, W)``; one sample is ``(C, H, W)`` as in ``output_shape``. Sizes
 (``kernel``, ``stride``, ``padding``, ``pool``) are an int or a pair ``(along H, along W)``. The
@@ -20,53 +20,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .layers import Layer, Workspaces, check_init, init_weight, positive_int
-
-
-def as_pair(value, name: str) -> tuple[int, int]:
-    """An int or a pair of ints -> (along H, along W); ValueError naming ``name`` for anything else."""
-    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in pair):
-        raise ValueError(f"{name} must be an integer or a pair of integers, got {value!r}")
-    return int(pair[0]), int(pair[1])
-
-
-def _pair(value, name: str, minimum: int) -> tuple[int, int]:
-    """:func:`as_pair`, and ValueError if any is below ``minimum``."""
-    pair = as_pair(value, name)
-    if min(pair) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return pair
-
-
-def _show(pair: tuple[int, int]) -> str:
-    """(3, 3) -> "3", (3, 1) -> "(3, 1)", for describe()."""
-    return str(pair[0]) if pair[0] == pair[1] else f"({pair[0]}, {pair[1]})"
-
-
-def _window_out(layer: Layer, in_shape: tuple[int, ...], window: tuple[int, int], stride: tuple[int, int],
-                padding: tuple[int, int] = (0, 0)) -> tuple[int, int]:
-    """(Ho, Wo) for samples of ``in_shape`` = (C, H, W); ValueError naming the layer otherwise."""
-    if len(in_shape) != 3:
-        raise ValueError(f"{layer.describe()} takes images of shape (channels, height, width), "
-                         f"got sample shape {tuple(in_shape)}")
-    _, H, W = in_shape
-    if min(in_shape) < 1:
-        raise ValueError(f"{layer.describe()} takes non-empty images, got sample shape {tuple(in_shape)}")
-    Hp, Wp = H + 2 * padding[0], W + 2 * padding[1]
-    if Hp < window[0] or Wp < window[1]:
-        padded = f" (padded to {Hp}x{Wp})" if padding != (0, 0) else ""
-        raise ValueError(f"{layer.describe()}: the output would be empty: input {H}x{W}{padded} is smaller "
-                         f"than the {window[0]}x{window[1]} window (sample shape {tuple(in_shape)})")
-    return (Hp - window[0]) // stride[0] + 1, (Wp - window[1]) // stride[1] + 1
-
-
-def _offset_slices(Ho: int, Wo: int, window: tuple[int, int], stride: tuple[int, int]):
-    """For each offset (a, b) of a window, row-major: the (rows, cols) slices of the (padded)
-    input that the (Ho, Wo) windows see at that offset."""
-    sh, sw = stride
-    return [(slice(i, i + sh * (Ho - 1) + 1, sh), slice(j, j + sw * (Wo - 1) + 1, sw))
-            for i in range(window[0]) for j in range(window[1])]
-
+from .windows import show_pair, sized_pair, window_output
 
 #: the most bytes a column matrix holds: a bigger batch is processed in chunks of samples
 COLUMN_BYTES = 64 * 2**20
@@ -105,9 +59,9 @@ class Conv2D(Layer):
     def __init__(self, filters: int, kernel, stride=1, padding=0, init: str = "he", bias: bool = True) -> None:
         super().__init__()
         self.filters = positive_int(filters, "Conv2D: filters")
-        self.kernel = _pair(kernel, "kernel", 1)
-        self.stride = _pair(stride, "stride", 1)
-        self.padding = _pair(padding, "padding", 0)
+        self.kernel = sized_pair(kernel, "kernel", 1)
+        self.stride = sized_pair(stride, "stride", 1)
+        self.padding = sized_pair(padding, "padding", 0)
         self.init = check_init(init)
         self.bias = bool(bias)
         self._x: np.ndarray | None = None  # the input of the last forward (read again by backward)
@@ -118,7 +72,7 @@ class Conv2D(Layer):
         return {**shapes, "bias": (self.filters,)} if self.bias else shapes
 
     def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
-        return (self.filters, *_window_out(self, in_shape, self.kernel, self.stride, self.padding))
+        return (self.filters, *window_output(self, in_shape, self.kernel, self.stride, self.padding))
 
     def init_params(self, rng: np.random.Generator) -> None:
         w = self.params["weight"]
@@ -279,111 +233,8 @@ class Conv2D(Layer):
     def describe(self) -> str:
         init = "" if self.init == "he" else f", init={self.init}"
         bias = "" if self.bias else ", bias=False"
-        return (f"Conv2D({self.filters}, kernel={_show(self.kernel)}, stride={_show(self.stride)}, "
-                f"padding={_show(self.padding)}{init}{bias})")
-
-
-class _Pool2D(Layer):
-    """Shared set-up of the pooling layers: a ``pool`` window moved by ``stride`` (default: the
-    pool, so windows tile the image), no padding; rows and columns past the last window are ignored."""
-
-    def __init__(self, pool, stride=None) -> None:
-        super().__init__()
-        self.pool = _pair(pool, "pool", 1)
-        self.stride = self.pool if stride is None else _pair(stride, "stride", 1)
-        self._x_shape: tuple[int, ...] | None = None
-
-    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
-        Ho, Wo = _window_out(self, in_shape, self.pool, self.stride)
-        return (in_shape[0], Ho, Wo)
-
-    def _start(self, x: np.ndarray) -> tuple[int, int, list]:
-        """Check x : (N, C, H, W); return (Ho, Wo) and the input slices of each window offset."""
-        if x.ndim != 4:
-            raise ValueError(f"{self.describe()} takes a batch of shape (batch, C, H, W), got {x.shape}")
-        _, Ho, Wo = self.output_shape(x.shape[1:])
-        self._x_shape = x.shape
-        return Ho, Wo, _offset_slices(Ho, Wo, self.pool, self.stride)
-
-    def describe(self) -> str:
-        return f"{type(self).__name__}({_show(self.pool)}, stride={_show(self.stride)})"
-
-
-class MaxPool2D(_Pool2D):
-    """Maximum over each window. x : (N, C, H, W) -> y : (N, C, Ho, Wo), Ho = (H - ph) // sh + 1.
-
-    Backward routes each output's gradient to the argmax of its window; on ties, to the first
-    maximal element in row-major order within the window (only that one). Overlapping windows
-    (stride < pool) add up their gradients. A NaN in a window makes its maximum NaN.
-
-    Forward is a running np.maximum over the window's offsets (no argmax kept); backward finds, per
-    offset in order, the elements equal to the maximum that no earlier offset took. The output
-    keeps the input's memory order (channels-last after a Conv2D).
-    """
-
-    def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
-        Ho, Wo, slices = self._start(x)
-        y = self.workspace_like("y", x, shape=(len(x), x.shape[1], Ho, Wo))
-        np.copyto(y, x[:, :, slices[0][0], slices[0][1]])
-        for rows, cols in slices[1:]:
-            np.maximum(y, x[:, :, rows, cols], out=y)
-        self._x, self._y = x, y
-        return y
-
-    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray:
-        """dy : (N, C, Ho, Wo) -> dx : (N, C, H, W)."""
-        x, y = self._x, self._y
-        dy = dy.reshape(y.shape)
-        N, C, H, W = x.shape
-        Ho, Wo = y.shape[2:]
-        slices = _offset_slices(Ho, Wo, self.pool, self.stride)
-        # windows that tile the image exactly: each input element is in one window, written once
-        tiled = self.stride == self.pool and H == Ho * self.pool[0] and W == Wo * self.pool[1]
-        dx = self.workspace_like("dx", x, dy.dtype)
-        if not tiled:
-            dx.fill(0)
-        mask = self.workspace_like("mask", y, np.bool_)
-        taken = self.workspace_like("taken", y, np.bool_)
-        t = None if tiled else self.workspace_like("t", y, dy.dtype)
-        for k, (rows, cols) in enumerate(slices):
-            np.equal(x[:, :, rows, cols], y, out=mask)
-            if k:
-                np.greater(mask, taken, out=mask)  # mask and not taken: a tie goes to the first offset
-            if k < len(slices) - 1:
-                np.logical_or(taken, mask, out=taken) if k else np.copyto(taken, mask)
-            if tiled:
-                np.multiply(dy, mask, out=dx[:, :, rows, cols])
-            else:
-                np.multiply(dy, mask, out=t)
-                dx[:, :, rows, cols] += t
-        return dx
-
-
-class AvgPool2D(_Pool2D):
-    """Mean over each window. x : (N, C, H, W) -> y : (N, C, Ho, Wo), Ho = (H - ph) // sh + 1."""
-
-    def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
-        Ho, Wo, slices = self._start(x)
-        y = self.workspace_like("y", x, shape=(len(x), x.shape[1], Ho, Wo))
-        np.copyto(y, x[:, :, slices[0][0], slices[0][1]])
-        for rows, cols in slices[1:]:
-            y += x[:, :, rows, cols]
-        y *= 1.0 / len(slices)
-        return y
-
-    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray:
-        """dy : (N, C, Ho, Wo) -> dx : (N, C, H, W): each input gets dy / (ph * pw) of every window
-        it is in."""
-        N, C, H, W = self._x_shape
-        _, Ho, Wo = self.output_shape((C, H, W))
-        slices = _offset_slices(Ho, Wo, self.pool, self.stride)
-        g = self.workspace_like("g", dy, shape=(N, C, Ho, Wo))
-        np.multiply(dy.reshape(N, C, Ho, Wo), 1.0 / len(slices), out=g)
-        dx = self.workspace_like("dx", g, shape=self._x_shape)
-        dx.fill(0)
-        for rows, cols in slices:
-            dx[:, :, rows, cols] += g
-        return dx
+        return (f"Conv2D({self.filters}, kernel={show_pair(self.kernel)}, stride={show_pair(self.stride)}, "
+                f"padding={show_pair(self.padding)}{init}{bias})")
 
 
 class Flatten(Layer):

@@ -144,6 +144,30 @@ class Layer(Workspaces):
     def allreduce_sum(array: np.ndarray) -> None:
         """Sum ``array`` in place over the ranks (collective); bound by the trainer, identity alone."""
 
+    # -- what a model calls to wire a layer in (a block passes each call on to its sublayers) --------
+
+    def bind_param(self, key: str, param: np.ndarray, grad: np.ndarray) -> None:
+        """Give the layer its parameter ``key`` and that parameter's gradient: views of the model's
+        flat buffers, written in place."""
+        self.params[key], self.grads[key] = param, grad
+
+    def bind_buffer(self, key: str, buffer: np.ndarray) -> None:
+        """Give the layer its buffer ``key`` (non-trained state): a view of the model's state buffer."""
+        self.buffers[key] = buffer
+
+    def bind_allreduce(self, allreduce_sum) -> None:
+        """Give the layer the communicator's in-place sum over the ranks (see :meth:`allreduce_sum`)."""
+        self.allreduce_sum = allreduce_sum
+
+    def begin_batch(self, info: BatchInfo | None) -> None:
+        """Which training samples the next forward sees (:class:`BatchInfo`), or None."""
+        self.batch_info = info
+
+    def summary_rows(self, in_shape: tuple[int, ...]) -> list[tuple[str, str, tuple[int, ...], int]]:
+        """Rows (relative path, description, output shape of one sample, parameters) below this layer's
+        own row in ``dptrain model summary``: none, but for a block."""
+        return []
+
     def param_shapes(self, in_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
         """Shapes of the parameters this layer needs for samples of shape ``in_shape``."""
         return {}

@@ -75,11 +75,10 @@ class Sequential:
         self._first_param_layer = self.param_specs[0].layer_index if self.param_specs else len(self.layers)
         self._can_skip_dx = ["input_grad" in inspect.signature(layer.backward).parameters for layer in self.layers]
         for spec in self.param_specs:
-            layer = self.layers[spec.layer_index]
-            layer.params[spec.key] = self._view(self.param_buffer, spec)
-            layer.grads[spec.key] = self._view(self.grad_buffer, spec)
+            self.layers[spec.layer_index].bind_param(spec.key, self._view(self.param_buffer, spec),
+                                                     self._view(self.grad_buffer, spec))
         for spec in self.buffer_specs:
-            self.layers[spec.layer_index].buffers[spec.key] = self._view(self.state_buffer, spec)
+            self.layers[spec.layer_index].bind_buffer(spec.key, self._view(self.state_buffer, spec))
         for layer in self.layers:
             layer.init_buffers()
         #: (n_layers, 2) seconds of each layer's forward and backward, added up while not None
@@ -99,12 +98,12 @@ class Sequential:
         """Give the layers that need global-batch sums (synchronized BatchNorm) the communicator's
         in-place sum; the trainer calls it with ``comm.allreduce_sum``."""
         for layer in self.layers:
-            layer.allreduce_sum = allreduce_sum
+            layer.bind_allreduce(allreduce_sum)
 
     def begin_batch(self, info: BatchInfo | None) -> None:
         """Tell the layers which training samples the next forward pass sees (None: unknown)."""
         for layer in self.layers:
-            layer.batch_info = info
+            layer.begin_batch(info)
 
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
         """x : (batch, *in_shape) or flat (batch, in_features) -> output (batch, *out_shape)."""
@@ -176,11 +175,15 @@ class Sequential:
                               not self._can_skip_dx[i])
                 for i, layer in enumerate(self.layers)]
 
-    def summary(self) -> list[tuple[str, tuple[int, ...], int]]:
-        """One (description, output shape of one sample, parameter count) per layer."""
-        return [(layer.describe(), self.shapes[i + 1],
-                 sum(s.size for s in self.param_specs if s.layer_index == i))
-                for i, layer in enumerate(self.layers)]
+    def summary(self) -> list[tuple[str, str, tuple[int, ...], int]]:
+        """One (path, description, output shape of one sample, parameter count) per layer, and below a
+        block one per layer inside it (path "3.body.0": layer 3's body, its first layer)."""
+        rows = []
+        for i, layer in enumerate(self.layers):
+            rows.append((str(i), layer.describe(), self.shapes[i + 1],
+                         sum(s.size for s in self.param_specs if s.layer_index == i)))
+            rows += [(f"{i}.{path}", desc, shape, count) for path, desc, shape, count in layer.summary_rows(self.shapes[i])]
+        return rows
 
 
 def describe_mismatch(expected: dict[str, tuple], given: dict[str, tuple]) -> list[str]:

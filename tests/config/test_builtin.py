@@ -36,8 +36,9 @@ def test_config_list_names_each_builtin_with_its_summary():
     result = CliRunner().invoke(main, ["config", "list"])
     assert result.exit_code == 0
     lines = result.output.splitlines()
-    assert [line.split()[0] for line in lines] == ["bench_cnn", "diabetes_mlp", "digits_cnn", "digits_mlp"]
-    assert "A small CNN" in lines[2]
+    assert [line.split()[0] for line in lines] == ["bench_cnn", "bench_resnet", "diabetes_mlp", "digits_cnn",
+                                                   "digits_mlp", "digits_resnet"]
+    assert "A small CNN" in lines[3]
 
 
 def test_train_with_a_builtin_name(tmp_path, monkeypatch):
@@ -51,5 +52,5 @@ def test_train_with_a_builtin_name(tmp_path, monkeypatch):
 def test_an_unknown_name_lists_the_builtins():
     result = CliRunner().invoke(main, ["config", "show", "--config", "digits_rnn"])
     assert result.exit_code == 2
-    assert result.output == ("error: config digits_rnn: not found (nor a built-in config: bench_cnn, diabetes_mlp, digits_cnn, "
-                             "digits_mlp)\n")
+    assert result.output == ("error: config digits_rnn: not found (nor a built-in config: bench_cnn, bench_resnet, "
+                             "diabetes_mlp, digits_cnn, digits_mlp, digits_resnet)\n")

@@ -184,7 +184,7 @@ def test_batchnorm_inside_a_model():
     num = numeric_grad(lambda: loss.value(model.forward(x), labels), model.param_buffer)
     assert rel_error(analytic, num) < TOL
     assert "layers.1.running_var" in model.state_arrays()
-    assert model.summary()[1] == ("BatchNorm(momentum=0.1, eps=1e-05)", (6,), 12)
+    assert model.summary()[1] == ("1", "BatchNorm(momentum=0.1, eps=1e-05)", (6,), 12)
 
 
 def test_batchnorm_api():
