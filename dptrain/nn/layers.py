@@ -78,9 +78,15 @@ class Workspaces:
         elementwise pass over both streams through memory instead of transposing. Otherwise as
         :meth:`workspace` (a view of that name's buffer)."""
         shape = like.shape if shape is None else shape
-        order = sorted(range(like.ndim), key=lambda axis: -like.strides[axis])  # outermost first
-        flat = self.workspace(name, tuple(shape[axis] for axis in order), like.dtype if dtype is None else dtype)
-        return flat.transpose(np.argsort(order))
+        dtype = like.dtype if dtype is None else dtype
+        if like.flags.c_contiguous:  # the common case, kept cheap: small steps call this many times
+            return self.workspace(name, shape, dtype)
+        strides = like.strides
+        order = sorted(range(like.ndim), key=lambda axis: -strides[axis])  # outermost first
+        inverse = [0] * like.ndim
+        for position, axis in enumerate(order):
+            inverse[axis] = position
+        return self.workspace(name, tuple(shape[axis] for axis in order), dtype).transpose(inverse)
 
     def workspace_nbytes(self) -> int:
         """The bytes held by this object's workspaces."""
