@@ -57,7 +57,7 @@ def test_launch_scheduler_print_from_a_wheel(installed, tmp_path):
 
 
 def test_train_a_builtin_config_from_a_wheel(installed, tmp_path):
-    result = run([str(installed / "dptrain"), "train", "--config", "digits_cnn", "--set", "train.epochs=3", "--quiet",
+    result = run([str(installed / "dptrain"), "train", "--config", "digits_mlp", "--set", "train.epochs=2", "--quiet",
                   "--out", "run"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "run" / "checkpoints" / "latest" / "model.npz").is_file()
