@@ -40,3 +40,17 @@ def rel_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
 def random_away_from_zero(rng: np.random.Generator, shape, low: float = 0.1) -> np.ndarray:
     """Random values with |x| in [low, low + 2): no element near a kink at 0."""
     return rng.choice([-1.0, 1.0], size=shape) * (low + 2 * rng.random(shape))
+
+
+def check_gradients(model, x: np.ndarray, r: np.ndarray) -> None:
+    """dx and every parameter gradient of sum(model(x) * r) against central differences (float64)."""
+    model.forward(x)
+    dx = model.backward(r).copy()
+    analytic = model.grad_buffer.copy()
+
+    def objective():
+        return np.sum(model.forward(x) * r)
+
+    assert rel_error(dx, numeric_grad(objective, x)) < TOL
+    if model.n_params:
+        assert rel_error(analytic, numeric_grad(objective, model.param_buffer)) < TOL

@@ -8,7 +8,7 @@ import pytest
 
 from dptrain.nn import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, SoftmaxCrossEntropy
 
-from gradcheck import TOL, numeric_grad, rel_error  # noqa: E402
+from gradcheck import TOL, check_gradients, numeric_grad, rel_error  # noqa: E402
 
 
 def naive_conv(x, w, b, stride, padding):
@@ -44,20 +44,6 @@ def conv_model(rng, in_shape, dtype=np.float64, **kwargs):
     model.init_params(rng)
     layer.params["bias"][...] = rng.standard_normal(layer.params["bias"].shape)  # init gives zeros
     return layer, model
-
-
-def check_gradients(model, x, r):
-    """dx and every parameter gradient of sum(model(x) * r) against central differences."""
-    model.forward(x)
-    dx = model.backward(r).copy()
-    analytic = model.grad_buffer.copy()
-
-    def objective():
-        return np.sum(model.forward(x) * r)
-
-    assert rel_error(dx, numeric_grad(objective, x)) < TOL
-    if model.n_params:
-        assert rel_error(analytic, numeric_grad(objective, model.param_buffer)) < TOL
 
 
 # (filters, kernel, stride, padding, sample shape (C, H, W))
