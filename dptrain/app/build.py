@@ -152,7 +152,7 @@ def build_optimizer(config: Config, model: Sequential):
 def build_schedule(config: Config, steps_per_epoch: int) -> Schedule:
     """The learning rate per optimizer step: ``optim.schedule`` after ``optim.warmup_epochs`` of
     linear warmup, from optim.lr (times global batch / ``optim.lr_reference_batch`` if set)."""
-    o, total = config.optim, config.train.epochs * steps_per_epoch
+    o, total = config.optim, config.train.steps or config.train.epochs * steps_per_epoch
     try:
         base = scaled_lr(o.lr, config.train.batch_size, o.lr_reference_batch)
         warmup = min(round(o.warmup_epochs * steps_per_epoch), total - 1)
@@ -183,7 +183,8 @@ def build_trainer(config: Config, model: Sequential, loss: Loss, optimizer, trai
     c, t, e = config.checkpoint, config.train, config.early_stopping
     early = EarlyStopping(e.patience, e.metric, e.min_delta) if e.patience else None
     return Trainer(model, loss, optimizer, train_set, val_set, batch_size=t.batch_size, epochs=t.epochs,
-                   seed=config.seed, shuffle=config.data.shuffle, comm=comm,
+                   steps=t.steps, eval_every_steps=config.eval.every_steps, seed=config.seed,
+                   shuffle=config.data.shuffle, comm=comm,
                    checkpoint=CheckpointPolicy(c.every_steps, c.every_epochs, c.keep), config=config.to_dict(),
                    on_nan=t.on_nan, check_sync_every=t.check_sync_every, accumulate=t.accumulate,
                    bucket_mb=config.comm.bucket_mb, compression=config.comm.compression,
@@ -222,6 +223,9 @@ def build_parts(config: Config, world_size: int = 1) -> RunParts:
     try:
         dataset = load_dataset(config)
         train_set, val_set = train_val_split(config, dataset)
+        if config.eval.batches:  # the fixed subset evaluated during training (dptrain eval takes all of it)
+            size = config.eval.batches * config.train.batch_size
+            val_set = val_set.subset(data_mod.evaluation_rows(len(val_set), size, config.seed))
         if len(train_set) < world_size:
             raise UserError(f"data {dataset.source}: {len(train_set)} training samples for {world_size} ranks; "
                             f"need at least one per rank")

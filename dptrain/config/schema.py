@@ -58,6 +58,7 @@ class TrainConfig:
     """[train]: how long, in what batches and precision, with what loss."""
 
     epochs: int = 30  # passes over the training data
+    steps: int = 0  # train this many optimizer steps instead of train.epochs (for huge epochs, e.g. text); 0 = off
     batch_size: int = 64  # the GLOBAL batch, across all ranks
     dtype: str = "float32"  # float32 | float64, for the whole run
     loss: str = "cross_entropy"  # cross_entropy (integer labels) | mse (float targets) | bce_with_logits (0/1 targets)
@@ -92,9 +93,17 @@ class OptimConfig:
 class EarlyStoppingConfig:
     """[early_stopping]: stop when a validation metric stops improving."""
 
-    patience: int = 0  # stop after this many epochs without improvement; 0 = off
+    patience: int = 0  # stop after this many evaluations (epochs, or eval.every_steps) without improvement; 0 = off
     metric: str = "val_loss"  # val_loss (lower is better) | val_accuracy | val_rmse
     min_delta: float = 0.0  # an improvement must beat the best by more than this
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """[eval]: when and on what the validation data is evaluated."""
+
+    every_steps: int = 0  # evaluate, report and write a metrics row every N steps (and after the last); 0 = each epoch
+    batches: int = 0  # evaluate on this many global batches of validation samples, a fixed subset drawn from the seed; 0 = all
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)

@@ -69,6 +69,12 @@ def validate(config: Config, where: str = "config") -> None:
     _validate_layers(m.layers, config, where)
     if t.epochs < 1:
         fail("train.epochs", f"must be >= 1, got {t.epochs}")
+    if t.steps < 0:
+        fail("train.steps", f"must be >= 0 (0 = train.epochs), got {t.steps}")
+    if config.eval.every_steps < 0:
+        fail("eval.every_steps", f"must be >= 0 (0 = each epoch), got {config.eval.every_steps}")
+    if config.eval.batches < 0:
+        fail("eval.batches", f"must be >= 0 (0 = all the validation data), got {config.eval.batches}")
     if t.batch_size < 1:
         fail("train.batch_size", f"must be >= 1, got {t.batch_size}")
     choose("train.dtype", t.dtype, DTYPES)
@@ -81,8 +87,10 @@ def validate(config: Config, where: str = "config") -> None:
         fail("optim.nesterov", "needs optim.name = \"sgd\" and optim.momentum > 0")
     _validate_optimizer_keys(o, where)
     choose("optim.schedule", o.schedule, SCHEDULES)
-    if not (0 <= o.warmup_epochs < t.epochs):
+    if t.steps == 0 and not (0 <= o.warmup_epochs < t.epochs):
         fail("optim.warmup_epochs", f"must be in [0, train.epochs = {t.epochs}), got {o.warmup_epochs}")
+    if o.warmup_epochs < 0:
+        fail("optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}")
     if o.step_epochs < 1:
         fail("optim.step_epochs", f"must be >= 1, got {o.step_epochs}")
     if not 0 < o.gamma <= 1:

@@ -13,12 +13,13 @@ from .dataset import (
     Dataset,
     RowView,
     check_features,
+    evaluation_rows,
     first_non_finite_row,
     list_names,
     split_train_val,
     steps_per_epoch,
 )
 
-__all__ = ["MAX_CLASSES", "Dataset", "RowView", "check_features", "first_non_finite_row", "is_number", "list_names",
-           "load_csv", "load_diabetes", "load_digits", "load_npy", "load_npz", "load_npz_arrays", "make_synthetic",
+__all__ = ["MAX_CLASSES", "Dataset", "RowView", "check_features", "evaluation_rows", "first_non_finite_row", "is_number",
+           "list_names", "load_csv", "load_diabetes", "load_digits", "load_npy", "load_npz", "load_npz_arrays", "make_synthetic",
            "read_csv", "split_train_val", "steps_per_epoch"]

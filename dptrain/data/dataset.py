@@ -18,8 +18,9 @@ MAX_CLASSES = 2**20  # more would be a mistake in the labels, not a classificati
 CHUNK_BYTES = 32 * 2**20  # checks that scan every value read this much of the data at a time
 
 # Stream tags keep the random streams of one seed independent of each other.
-# seed streams: 1 the train/validation split, 2 the epoch order (dptrain.parallel.sampler), 3 synthetic data
-_SPLIT_STREAM, _SYNTHETIC_STREAM = 1, 3
+# seed streams: 1 the train/validation split, 2 the epoch order (dptrain.parallel.sampler), 3 synthetic data,
+# 4 the evaluation subset
+_SPLIT_STREAM, _SYNTHETIC_STREAM, _EVALUATION_STREAM = 1, 3, 4
 
 
 class Dataset:
@@ -375,6 +376,14 @@ def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray,
     n_val = int(round(n * val_fraction))
     perm = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(n)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def evaluation_rows(n: int, size: int, seed: int) -> np.ndarray:
+    """A fixed, seeded choice of ``size`` of ``n`` validation rows (all of them if size >= n), sorted:
+    eval.batches evaluates on these at every evaluation, on any number of ranks."""
+    if size >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([seed, _EVALUATION_STREAM]).choice(n, size, replace=False))
 
 
 def steps_per_epoch(n_samples: int, global_batch_size: int) -> int:

@@ -20,15 +20,16 @@ class TrainingState:
 
     step: int = 0  # global optimizer steps done (skipped ones included)
     epoch: int = 0  # epochs completed
-    epoch_loss_sum: float = 0.0  # the loss summed over all ranks and the steps done in this epoch
+    epoch_loss_sum: float = 0.0  # the loss summed over all ranks and the steps done since the last report
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient (on_nan = "skip")
     optimizer_steps: int = 0  # updates applied: Adam's bias correction counts these
     best: float = math.nan  # early stopping: the best value of its metric so far (NaN: none yet)
     best_epoch: int = 0
     bad_epochs: int = 0
     stopped_early: bool = False
+    report_step: int = 0  # the step of the last report (epoch_loss_sum counts the steps since)
 
-    _INTS = ("step", "epoch", "skipped_steps", "optimizer_steps", "best_epoch", "bad_epochs")
+    _INTS = ("step", "epoch", "skipped_steps", "optimizer_steps", "best_epoch", "bad_epochs", "report_step")
 
     def to_array(self) -> np.ndarray:
         """The fields as a float64 vector of len(fields) values, for one broadcast."""
@@ -56,7 +57,8 @@ class TrainingState:
                    skipped_steps=int(meta.get("skipped_steps", 0)),
                    optimizer_steps=int(meta.get("optimizer_steps", meta["step"] - meta.get("skipped_steps", 0))),
                    best=math.nan if best is None else float(best), best_epoch=int(early.get("best_epoch", 0)),
-                   bad_epochs=int(early.get("bad_epochs", 0)), stopped_early=bool(early.get("stopped", False)))
+                   bad_epochs=int(early.get("bad_epochs", 0)), stopped_early=bool(early.get("stopped", False)),
+                   report_step=int(meta.get("report_step", meta["step"] - meta.get("step_in_epoch", 0))))
 
     def early_stopping_state(self) -> dict[str, Any]:
         """The part that :meth:`dptrain.training.EarlyStopping.load_state` takes."""
@@ -74,6 +76,7 @@ def checkpoint_meta(state: TrainingState, *, steps_per_epoch: int, lr: float, ea
         "epoch": state.epoch,
         "step_in_epoch": state.step - state.epoch * steps_per_epoch,
         "epoch_loss_sum": state.epoch_loss_sum,
+        "report_step": state.report_step,
         "skipped_steps": state.skipped_steps,
         "optimizer_steps": state.optimizer_steps,
         "lr": lr,

@@ -44,6 +44,10 @@ class Trainer:
     ----------
     batch_size : the GLOBAL batch size, split across ranks; the last batch of an epoch may be partial.
     epochs : number of passes over ``train_data``.
+    steps : train this many optimizer steps instead (0: ``epochs`` epochs), for data whose epoch is
+        enormous (every window of a text); the run crosses epoch boundaries as they come.
+    eval_every_steps : evaluate and report (the metrics, ``on_epoch_end``, early stopping) every N steps
+        and after the last one, instead of after each epoch; 0: after each epoch.
     seed, shuffle : the epoch order is a pure function of (seed, epoch).
     comm : a communicator from :mod:`dptrain.parallel.comm` (default: single process).
     out_dir : run folder; rank 0 writes ``out_dir/checkpoints``. None: no checkpoints.
@@ -61,7 +65,8 @@ class Trainer:
     """
 
     def __init__(self, model: Sequential, loss: Loss, optimizer, train_data: Dataset,
-                 val_data: Dataset | None = None, *, batch_size: int, epochs: int, seed: int = 0,
+                 val_data: Dataset | None = None, *, batch_size: int, epochs: int = 1, steps: int = 0,
+                 eval_every_steps: int = 0, seed: int = 0,
                  shuffle: bool = True, comm=None, out_dir: str | Path | None = None,
                  checkpoint: CheckpointPolicy = CheckpointPolicy(), config: dict | None = None,
                  on_nan: str = "error", check_sync_every: int = 0, accumulate: int = 1,
@@ -73,6 +78,8 @@ class Trainer:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
+        if steps < 0 or eval_every_steps < 0:
+            raise ValueError(f"steps and eval_every_steps must be >= 0, got {steps} and {eval_every_steps}")
         if on_nan not in ("error", "skip"):
             raise ValueError(f"on_nan must be 'error' or 'skip', got {on_nan!r}")
         if check_sync_every < 0:
@@ -94,9 +101,15 @@ class Trainer:
         self.callbacks = list(callbacks)
         self._log = log if self.comm.rank == 0 else None
         self.steps_per_epoch = steps_per_epoch(len(train_data), batch_size)
+        #: the optimizer steps of the whole run
+        self.total_steps = steps if steps else epochs * self.steps_per_epoch
+        self.by_steps = bool(steps)  # the run is measured in steps (train.steps), not epochs
+        self.eval_every_steps = eval_every_steps
         self.step = 0  # global optimizer steps done
         self.epoch = 0  # epochs completed
-        self.epoch_loss_sum = 0.0  # loss summed over all ranks and the steps done in this epoch
+        #: loss summed over all ranks and the steps done since the last report (in this epoch, by default)
+        self.epoch_loss_sum = 0.0
+        self.report_step = 0  # the step of the last report
         self.skipped_steps = 0  # updates skipped for a non-finite loss or gradient (on_nan = "skip")
         self.last_metrics: dict[str, Any] = {}
         self.last_checkpoint: Path | None = None
@@ -176,10 +189,11 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
 
     def fit(self) -> list[dict[str, Any]]:
-        """Train until ``epochs`` epochs are done or a signal asks to stop.
+        """Train until ``total_steps`` steps are done, early stopping ends the run or a signal asks to stop.
 
-        Returns one metrics dict per epoch completed in this call (the same on every rank). After
-        a stop signal, a checkpoint is written and ``stopped`` is True.
+        Returns one metrics dict per report made in this call (each epoch, or every
+        ``eval_every_steps`` steps), the same on every rank. After a stop signal, a checkpoint is
+        written and ``stopped`` is True.
         """
         self.check_agreement()
         self.broadcast_parameters()
@@ -190,35 +204,33 @@ class Trainer:
         signals = self._signals if self.stop_on_signals else contextlib.nullcontext()
         with signals, np.errstate(all="ignore"):
             self._clock.start()
-            while self.epoch < self.epochs and not self.stopped and not self.stopped_early:
-                epoch = self.epoch
+            report_mark = self.totals.copy()
+            while self.step < self.total_steps and not self.stopped and not self.stopped_early:
+                epoch = self.step // self.steps_per_epoch
                 order = epoch_order(len(self.train_data), self.seed, epoch, self.shuffle)
-                epoch_mark = self.totals.copy()
                 for k in range(self.step - epoch * self.steps_per_epoch, self.steps_per_epoch):
                     batch = global_batch(order, k, self.batch_size)
                     step_loss, stop = self.train_step(batch)
                     self.step += 1
+                    self.epoch = self.step // self.steps_per_epoch
                     self.epoch_loss_sum += step_loss
                     self.totals.add(len(batch), step_loss, self._clock.lap())
                     self._dispatch("on_step_end", self.step, step_loss)
-                    if self.check_sync_every and self.step % self.check_sync_every == 0:
-                        with self._clock.paused():
-                            self.check_sync()
                     if stop:
                         self.stopped, self.stop_requests = True, stop
-                        break
-                    # a step checkpoint at the end of an epoch waits for the epoch's metrics (below)
-                    if _due(policy.every_steps, self.step) and k < self.steps_per_epoch - 1:
-                        with self._clock.paused():
+                    with self._clock.paused():  # sync checks, evaluation, the report's callbacks, checkpoints
+                        if self.check_sync_every and self.step % self.check_sync_every == 0:
+                            self.check_sync()
+                        if self.report_due(self.step):
+                            history.append(self._report(self.totals - report_mark))
+                            report_mark = self.totals.copy()
+                            if self.check_sync_every == 0:
+                                self.check_sync()
+                        epoch_end = self.step % self.steps_per_epoch == 0
+                        if _due(policy.every_steps, self.step) or (epoch_end and _due(policy.every_epochs, self.epoch)):
                             self.save_checkpoint()
-                if self.stopped and self.step < (epoch + 1) * self.steps_per_epoch:
-                    break  # stopped mid-epoch: the epoch resumes from here
-                with self._clock.paused():  # evaluation, the epoch's callbacks and checkpoint
-                    history.append(self._end_epoch(self.totals - epoch_mark))
-                    if self.check_sync_every == 0:
-                        self.check_sync()
-                    if _due(policy.every_epochs, self.epoch) or _due(policy.every_steps, self.step):
-                        self.save_checkpoint()
+                    if self.stopped or self.stopped_early or self.step == self.total_steps:
+                        break
             if not self._saved_at_this_step():
                 self.save_checkpoint()
         if self.stopped and self._log is not None:
@@ -227,35 +239,54 @@ class Trainer:
         self._dispatch("on_train_end")
         return history
 
+    def report_due(self, step: int) -> bool:
+        """Whether the run evaluates and reports after ``step`` steps: at the end of each epoch (or
+        every ``eval_every_steps`` steps), and after the last step. A pure function of the step."""
+        every = self.eval_every_steps or self.steps_per_epoch
+        return step % every == 0 or step == self.total_steps
+
+    def samples_between(self, first: int, last: int) -> int:
+        """The training samples of global steps ``first`` .. ``last - 1`` (an epoch's last batch may be partial)."""
+        n, spe, batch = len(self.train_data), self.steps_per_epoch, self.batch_size
+
+        def before(step: int) -> int:  # the samples of steps 0 .. step - 1: k < spe steps into an epoch are full
+            epochs, k = divmod(step, spe)
+            return epochs * n + k * batch
+
+        return before(last) - before(first)
+
     def _dispatch(self, hook: str, *args) -> None:
         for cb in self.callbacks:
             getattr(cb, hook)(self, *args)
 
-    def _end_epoch(self, done: RunningTotals) -> dict[str, Any]:
-        """The epoch's metrics (``done``: its steps in this process), evaluation, early stopping, hooks."""
-        self.epoch += 1
+    def _report(self, done: RunningTotals) -> dict[str, Any]:
+        """The metrics since the last report (``done``: those steps, in this process), evaluation,
+        early stopping, the ``on_epoch_end`` hooks."""
+        by_steps = bool(self.eval_every_steps) or self.step % self.steps_per_epoch != 0
+        epoch = round(self.step / self.steps_per_epoch, 4) if by_steps else self.epoch
         train_time = done.seconds
-        metrics: dict[str, Any] = {"epoch": self.epoch, "step": self.step,
-                                   "train_loss": self.epoch_loss_sum / len(self.train_data),
+        metrics: dict[str, Any] = {"epoch": epoch, "step": self.step,
+                                   "train_loss": self.epoch_loss_sum / self.samples_between(self.report_step, self.step),
                                    "samples_per_s": done.samples / train_time if train_time > 0 else float("inf"),
                                    "epoch_time_s": train_time, "skipped_steps": self.skipped_steps}
-        self.epoch_loss_sum = 0.0
+        self.epoch_loss_sum, self.report_step = 0.0, self.step
         if self.val_data is not None:
             start = time.perf_counter()
             val = self.evaluate(self.val_data)
             self._dispatch("on_span", "evaluation", self.step, start, time.perf_counter())
             metrics.update({f"val_{k}": v for k, v in val.items() if k != "n_samples"})
         metrics["lr"] = self.lr
-        if self.early_stopping is not None and self.early_stopping.update(self.epoch, metrics):
+        count = self.step if self.eval_every_steps else self.epoch  # what early stopping counts in
+        if self.early_stopping is not None and self.early_stopping.update(count, metrics):
             metrics["early_stop"] = True
         self.last_metrics = metrics
         if self._log is not None:
-            self._log(epoch_line(metrics, self.epochs))
+            self._log(report_line(metrics, self.total_steps) if self.eval_every_steps else epoch_line(metrics, self.epochs))
             if metrics.get("early_stop"):
-                e = self.early_stopping
-                self._log(f"early stopping after epoch {self.epoch}: {e.metric} has not improved for {e.patience} "
-                          f"epoch{'s' if e.patience > 1 else ''} (best {e.best:.4f} at epoch {e.best_epoch})")
-        self._dispatch("on_epoch_end", self.epoch, metrics)
+                e, unit = self.early_stopping, "step" if self.eval_every_steps else "epoch"
+                self._log(f"early stopping after {unit} {count}: {e.metric} has not improved for {e.patience} "
+                          f"evaluation{'s' if e.patience > 1 else ''} (best {e.best:.4f} at {unit} {e.best_epoch})")
+        self._dispatch("on_epoch_end", epoch, metrics)
         return metrics
 
     # -- checkpoints and resume -------------------------------------------------------------
@@ -266,9 +297,12 @@ class Trainer:
     def state(self) -> TrainingState:
         """The position of the run now (what a checkpoint records besides the arrays)."""
         early = self.early_stopping
-        return TrainingState(self.step, self.epoch, self.epoch_loss_sum, self.skipped_steps,
-                             int(self.step_fn.stepping_optimizer.steps),
-                             *((early.best, early.best_epoch, early.bad_epochs, early.stopped) if early else ()))
+        state = TrainingState(self.step, self.epoch, self.epoch_loss_sum, self.skipped_steps,
+                              int(self.step_fn.stepping_optimizer.steps), report_step=self.report_step)
+        if early is not None:
+            state.best, state.best_epoch, state.bad_epochs, state.stopped_early = (
+                early.best, early.best_epoch, early.bad_epochs, early.stopped)
+        return state
 
     def save_checkpoint(self) -> Path | None:
         """Rank 0 writes a checkpoint of the current step (other ranks only record the name).
@@ -307,7 +341,7 @@ class Trainer:
         if self.comm.rank == 0:
             self.last_metrics = dict(checkpoint.meta.get("metrics", {}))
         self.step, self.epoch, self.epoch_loss_sum = state.step, state.epoch, state.epoch_loss_sum
-        self.skipped_steps = state.skipped_steps
+        self.skipped_steps, self.report_step = state.skipped_steps, state.report_step
         if self.early_stopping is not None:
             self.early_stopping.load_state(state.early_stopping_state())
         self.step_fn.set_lr(max(self.step - 1, 0))  # the lr of the last update, as reported before the stop
@@ -323,7 +357,17 @@ def _due(every: int, count: int) -> bool:
 def epoch_line(m: dict[str, Any], epochs: int) -> str:
     """The line logged after each epoch, e.g. "epoch  3/30  step 69  train_loss 0.3056  val_loss ..."."""
     width = len(str(epochs))
-    parts = [f"epoch {m['epoch']:>{width}}/{epochs}", f"step {m['step']}", f"train_loss {m['train_loss']:.4f}"]
+    return _line([f"epoch {m['epoch']:>{width}}/{epochs}", f"step {m['step']}"], m)
+
+
+def report_line(m: dict[str, Any], total_steps: int) -> str:
+    """The line logged every eval.every_steps steps, e.g. "step  500/2000  epoch 0.072  train_loss 1.9876  ..."."""
+    width = len(str(total_steps))
+    return _line([f"step {m['step']:>{width}}/{total_steps}", f"epoch {m['epoch']:g}"], m)
+
+
+def _line(parts: list[str], m: dict[str, Any]) -> str:
+    parts.append(f"train_loss {m['train_loss']:.4f}")
     for key in VALIDATION_KEYS:
         if key in m:
             parts.append(f"{key} {m[key]:.4f}")

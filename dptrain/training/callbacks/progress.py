@@ -65,7 +65,7 @@ class ProgressBar(Callback):
         self._file = self.file if self.file is not None else sys.stdout
         tty = self.tty if self.tty is not None else _isatty(self._file)
         self._line_mark, self._epoch_mark = trainer.totals.copy(), trainer.totals.copy()
-        self._total = trainer.epochs * trainer.steps_per_epoch
+        self._total = trainer.total_steps
         if tty and trainer.step < self._total:
             from tqdm import tqdm
 
@@ -107,6 +107,8 @@ class ProgressBar(Callback):
 
     @staticmethod
     def _description(trainer: Trainer) -> str:
+        if trainer.by_steps:
+            return f"epoch {trainer.step / trainer.steps_per_epoch:.2f}"
         return f"epoch {min(trainer.epoch + 1, trainer.epochs)}/{trainer.epochs}"
 
 
