@@ -4,6 +4,8 @@ Python API (the CLI is a thin face over it)::
 
     from dptrain import Sequential, Dense, ReLU, SoftmaxCrossEntropy, SGD, Trainer, make_comm
     from dptrain import Conv2D, BatchNorm, Dropout, Flatten, Adam, make_schedule, EarlyStopping
+    from dptrain import Embedding, PositionEmbedding, Conv1D, MaxPool1D, AvgPool1D  # sequences
+    from dptrain import MultiHeadSelfAttention, GRU  # attention and recurrence over sequences
     from dptrain.data import load_digits, split_train_val
 
 Run a script that uses it alone, or with ``mpirun -n 4 python script.py``.

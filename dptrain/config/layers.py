@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from dptrain.errors import UserError
-from dptrain.nn import conv, dropout, norm, pooling
+from dptrain.nn import conv, dropout, embedding, norm, pooling
 from dptrain.nn import layers as L
+from dptrain.nn.attention import MultiHeadSelfAttention
+from dptrain.nn.recurrent import GRU, OUTPUTS
 from dptrain.nn.residual import Residual
 from dptrain.nn.windows import as_pair
 
@@ -34,8 +36,8 @@ from dptrain.nn.windows import as_pair
 @dataclass(frozen=True)
 class Key:
     """One key of a layer table: its kind ("int", "float", "bool", "size" = an int or a pair of ints,
-    "layers" = a list of layer tables, or a tuple of allowed strings), whether it is required, and the
-    constructor argument it feeds."""
+    "layers" = a list of layer tables, "init or std" = a name of INITS or a number, or a tuple of allowed
+    strings), whether it is required, and the constructor argument it feeds."""
 
     kind: Any
     required: bool = False
@@ -50,17 +52,27 @@ def layer_tables() -> dict[str, tuple[Callable[..., L.Layer], dict[str, Key]]]:
     """{type: (the layer class, {key: Key})} of every layer a ``model.layers`` table can make."""
     init = Key(L.INITS)
     pool = {"pool": Key("size", required=True), "stride": Key("size")}
+    pool1d = {"pool": Key("int", required=True), "stride": Key("int")}  # sequences: ints, not pairs
     return {
         "dense": (L.Dense, {"units": Key("int", True, arg="out_features"), "init": init, "bias": Key("bool")}),
         "conv2d": (conv.Conv2D, {"filters": Key("int", True), "kernel": Key("size", True), "stride": Key("size"),
                                  "padding": Key("size"), "init": init, "bias": Key("bool")}),
         "maxpool2d": (pooling.MaxPool2D, pool),
         "avgpool2d": (pooling.AvgPool2D, pool),
+        "conv1d": (conv.Conv1D, {"filters": Key("int", True), "kernel": Key("int", True), "stride": Key("int"),
+                                 "padding": Key("int"), "init": init, "bias": Key("bool")}),
+        "maxpool1d": (pooling.MaxPool1D, pool1d),
+        "avgpool1d": (pooling.AvgPool1D, pool1d),
+        "embedding": (embedding.Embedding, {"dim": Key("int", True), "vocab": Key("int"), "init_std": Key("float")}),
+        "position_embedding": (embedding.PositionEmbedding, {"init_std": Key("float")}),
+        "attention": (MultiHeadSelfAttention, {"heads": Key("int", True), "causal": Key("bool"), "init": Key("init or std"),
+                                               "bias": Key("bool")}),
+        "gru": (GRU, {"units": Key("int", True, arg="hidden"), "bidirectional": Key("bool"), "output": Key(OUTPUTS)}),
         "flatten": (conv.Flatten, {}),
         "globalavgpool": (pooling.GlobalAvgPool, {}),
         "residual": (Residual, {"layers": Key("layers", True, arg="body"), "shortcut": Key("layers")}),
         "batchnorm": (norm.BatchNorm, {"momentum": Key("float"), "eps": Key("float")}),
-        "layernorm": (norm.LayerNorm, {"eps": Key("float")}),
+        "layernorm": (norm.LayerNorm, {"eps": Key("float"), "over": Key(norm.LAYERNORM_OVER)}),
         "dropout": (dropout.Dropout, {"rate": Key("float", True)}),
         **{name: (cls, _ACTIVATION_KEYS.get(name, {})) for name, cls in L.ACTIVATIONS.items()},
     }
@@ -84,6 +96,10 @@ def _value(kind: Any, value: Any, key: str) -> Any:
     elif kind == "layers":  # a list of layer tables: made by make_layer, under this key's path
         if not isinstance(value, (list, tuple)) or not all(isinstance(t, dict) for t in value):
             raise bad("a list of layer tables")
+    elif kind == "init or std":  # a weight initialisation's name, or the std of a normal one (the layer checks > 0)
+        if value not in L.INITS and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise bad("one of " + ", ".join(repr(k) for k in L.INITS) + " or a number (a std)")
+        value = value if isinstance(value, str) else float(value)
     elif kind == "size":  # the layer checks the range
         try:
             as_pair(value, key)

@@ -1,4 +1,5 @@
-"""Layers for images in NCHW layout: 2-D convolution and Flatten (pooling: :mod:`.pooling`).
+"""Layers for images in NCHW layout: 2-D convolution and Flatten (pooling: :mod:`.pooling`); and the
+1-D convolution of sequences (batch, C, L), a 2-D one on (batch, C, 1, L).
 
 Shapes: ``x`` is ``(batch, C, H, W)``; one sample is ``(C, H, W)`` as in ``output_shape``. Sizes
 (``kernel``, ``stride``, ``padding``, ``pool``) are an int or a pair ``(along H, along W)``. The
@@ -20,7 +21,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .layers import Layer, Workspaces, check_init, init_weight, positive_int
-from .windows import show_pair, sized_pair, window_output
+from .windows import length_output, show_pair, sized_int, sized_pair, window_output
 
 #: the most bytes a column matrix holds: a bigger batch is processed in chunks of samples
 COLUMN_BYTES = 64 * 2**20
@@ -235,6 +236,73 @@ class Conv2D(Layer):
         bias = "" if self.bias else ", bias=False"
         return (f"Conv2D({self.filters}, kernel={show_pair(self.kernel)}, stride={show_pair(self.stride)}, "
                 f"padding={show_pair(self.padding)}{init}{bias})")
+
+
+class Conv1D(Layer):
+    """1-D convolution (cross-correlation) of sequences, zero padding along the length.
+
+    weight : (filters, C, kernel), torch's Conv1d layout; bias : (filters,), left out with ``bias=False``.
+    x : (batch, C, L) -> y : (batch, filters, Lo), Lo = (L + 2 * padding - kernel) // stride + 1.
+    ``kernel``, ``stride`` and ``padding`` are ints; ``init`` as for :class:`Conv2D` (fan_in = C * kernel,
+    fan_out = filters * kernel).
+
+    A thin wrapper: x is seen as (batch, C, 1, L) (a view) and goes through a :class:`Conv2D` with a
+    (1, kernel) kernel, stride (1, stride) and padding (0, padding), whose weight (filters, C, 1, kernel)
+    is a view of this layer's weight (the same memory). So init, forward, backward and ``matmuls`` are
+    Conv2D's, and y and dx are channels-last in memory as Conv2D's are (``y.transpose(0, 2, 1)``, of
+    shape (batch, Lo, filters), is C-contiguous).
+    """
+
+    def __init__(self, filters: int, kernel: int, stride: int = 1, padding: int = 0, init: str = "he",
+                 bias: bool = True) -> None:
+        super().__init__()
+        self.filters = positive_int(filters, "Conv1D: filters")
+        self.kernel = sized_int(kernel, "kernel", 1)
+        self.stride = sized_int(stride, "stride", 1)
+        self.padding = sized_int(padding, "padding", 0)
+        self.conv = Conv2D(self.filters, (1, self.kernel), (1, self.stride), (0, self.padding), init, bias)
+        self.init, self.bias = self.conv.init, self.conv.bias
+
+    def param_shapes(self, in_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        self.output_shape(in_shape)
+        shapes = {"weight": (self.filters, in_shape[0], self.kernel)}
+        return {**shapes, "bias": (self.filters,)} if self.bias else shapes
+
+    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (self.filters, length_output(self, in_shape, self.kernel, self.stride, self.padding))
+
+    def bind_param(self, key: str, param: np.ndarray, grad: np.ndarray) -> None:
+        super().bind_param(key, param, grad)
+        if key == "weight":  # (F, C, k) -> (F, C, 1, k): views, so the Conv2D reads and writes ours
+            param, grad = param[:, :, None, :], grad[:, :, None, :]
+        self.conv.bind_param(key, param, grad)
+
+    def init_params(self, rng: np.random.Generator) -> None:
+        self.conv.init_params(rng)
+
+    def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
+        """x : (N, C, L) -> y : (N, F, Lo), channels-last in memory."""
+        if x.ndim != 3:
+            raise ValueError(f"{self.describe()} takes a batch of shape (batch, C, L), got {x.shape}")
+        return self.conv.forward(x[:, :, None, :], train)[:, :, 0, :]
+
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
+        """dy : (N, F, Lo) -> dx : (N, C, L), channels-last in memory; writes dW (F, C, k) and db (F,)."""
+        dx = self.conv.backward(dy[:, :, None, :], input_grad)
+        return None if dx is None else dx[:, :, 0, :]
+
+    def matmuls(self, in_shape: tuple[int, ...], batch: int, input_grad: bool = True) -> list[tuple[int, int, int]]:
+        """The wrapped Conv2D's products for samples of shape (C, 1, L)."""
+        C, L = in_shape
+        return self.conv.matmuls((C, 1, L), batch, input_grad)
+
+    def workspace_nbytes(self) -> int:
+        return super().workspace_nbytes() + self.conv.workspace_nbytes()
+
+    def describe(self) -> str:
+        init = "" if self.init == "he" else f", init={self.init}"
+        bias = "" if self.bias else ", bias=False"
+        return f"Conv1D({self.filters}, kernel={self.kernel}, stride={self.stride}, padding={self.padding}{init}{bias})"
 
 
 class Flatten(Layer):

@@ -169,6 +169,12 @@ class Layer(Workspaces):
         """Which training samples the next forward sees (:class:`BatchInfo`), or None."""
         self.batch_info = info
 
+    def decays(self, key: str, shape: tuple[int, ...]) -> bool:
+        """Whether weight decay applies to parameter ``key`` of ``shape`` when only the matrices decay
+        (``optim.decay = "matrices"``): weight matrices and kernels (2 or more axes), not biases; a
+        layer whose tables are not such weights (norms, embeddings) says no for them."""
+        return len(shape) >= 2
+
     def summary_rows(self, in_shape: tuple[int, ...]) -> list[tuple[str, str, tuple[int, ...], int]]:
         """Rows (relative path, description, output shape of one sample, parameters) below this layer's
         own row in ``dptrain model summary``: none, but for a block."""
@@ -211,8 +217,11 @@ class Layer(Workspaces):
 
 
 class Dense(Layer):
-    """Fully connected layer ``y = x @ weight + bias``.
+    """Fully connected layer ``y = x @ weight + bias``, on the last axis (as torch.nn.Linear).
 
+    Flat samples: x : (batch, in_features) -> y : (batch, out_features). Sequences: x : (batch, T,
+    in_features) -> y : (batch, T, out_features), each position alike, computed as ONE product of the
+    batch * T rows (a view of x when it is C-contiguous, else a copy into a workspace).
     weight : (in_features, out_features); bias : (out_features,).
     ``init`` is ``"he"`` (normal, std sqrt(2 / fan_in), for ReLU) or ``"xavier"``
     (normal, std sqrt(2 / (fan_in + fan_out)), for tanh, sigmoid and the output layer).
@@ -227,14 +236,15 @@ class Dense(Layer):
         self._x: np.ndarray | None = None
 
     def param_shapes(self, in_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-        self.output_shape(in_shape)  # checks that samples are flat
-        shapes = {"weight": (in_shape[0], self.out_features)}
+        self.output_shape(in_shape)  # checks that samples are flat or sequences
+        shapes = {"weight": (in_shape[-1], self.out_features)}
         return {**shapes, "bias": (self.out_features,)} if self.bias else shapes
 
     def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
-        if len(in_shape) != 1:
-            raise ValueError(f"Dense takes flat samples, got shape {in_shape}: add a Flatten layer before it")
-        return (self.out_features,)
+        if len(in_shape) not in (1, 2):
+            raise ValueError(f"Dense takes flat samples (features,) or sequences (time, features), got shape "
+                             f"{in_shape}: add a Flatten layer before it")
+        return (*in_shape[:-1], self.out_features)
 
     def init_params(self, rng: np.random.Generator) -> None:
         w = self.params["weight"]
@@ -242,27 +252,44 @@ class Dense(Layer):
         if self.bias:
             self.params["bias"][...] = 0.0
 
+    def _rows(self, a: np.ndarray, name: str) -> np.ndarray:
+        """A batch of sequences (batch, T, D) as (batch * T, D) rows: a view when ``a`` is C-contiguous,
+        else a copy into the workspace ``name``."""
+        shape = (a.shape[0] * a.shape[1], a.shape[2])
+        if a.flags.c_contiguous:
+            return a.reshape(shape)
+        rows = self.workspace(name, shape, a.dtype)
+        np.copyto(rows.reshape(a.shape), a)
+        return rows
+
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
-        self._x = x
-        y = self.workspace("y", (len(x), self.out_features), x.dtype)
-        np.matmul(x, self.params["weight"], out=y)
+        """x : (batch, D) or (batch, T, D) -> y : (batch, out) or (batch, T, out)."""
+        rows = x if x.ndim == 2 else self._rows(x, "x_rows")  # sequences: the batch * T positions as rows
+        self._x = rows
+        y = self.workspace("y", (len(rows), self.out_features), x.dtype)
+        np.matmul(rows, self.params["weight"], out=y)
         if self.bias:
             y += self.params["bias"]
-        return y
+        return y if x.ndim == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
-        x = self._x
-        np.matmul(x.T, dy, out=self.grads["weight"])
+        """dy : (batch, out) or (batch, T, out) -> dx of the input's shape; writes dW = x.T @ dy and
+        db = the sum of dy's rows (over the batch and the positions)."""
+        x = self._x  # (rows, D)
+        rows = dy if dy.ndim == 2 else self._rows(dy, "dy_rows")
+        np.matmul(x.T, rows, out=self.grads["weight"])
         if self.bias:
-            np.sum(dy, axis=0, out=self.grads["bias"])
+            np.sum(rows, axis=0, out=self.grads["bias"])
         if not input_grad:
             return None  # the first layer: dx would cost a third of this layer's backward for nothing
-        return np.matmul(dy, self.params["weight"].T, out=self.workspace("dx", x.shape, dy.dtype))
+        dx = np.matmul(rows, self.params["weight"].T, out=self.workspace("dx", x.shape, dy.dtype))
+        return dx if dy.ndim == 2 else dx.reshape(*dy.shape[:-1], x.shape[1])
 
     def matmuls(self, in_shape: tuple[int, ...], batch: int, input_grad: bool = True) -> list[tuple[int, int, int]]:
-        """y = x @ W; dW = x.T @ dy; dx = dy @ W.T."""
-        d, o = in_shape[0], self.out_features
-        return [(batch, d, o), (d, batch, o)] + ([(batch, o, d)] if input_grad else [])
+        """y = x @ W; dW = x.T @ dy; dx = dy @ W.T, with x as (m, D) rows: m = batch, or batch * T for
+        sequences (T, D)."""
+        m, d, o = batch * math.prod(in_shape[:-1]), in_shape[-1], self.out_features
+        return [(m, d, o), (d, m, o)] + ([(m, o, d)] if input_grad else [])
 
     def describe(self) -> str:
         return f"Dense({self.out_features}, init={self.init}{'' if self.bias else ', bias=False'})"

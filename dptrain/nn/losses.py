@@ -42,6 +42,12 @@ class SoftmaxCrossEntropy(Loss):
 
     z : (batch, n_classes) logits; y : (batch,) integer labels in [0, n_classes).
     Per-sample loss: logsumexp(z_i) - z_i[y_i]. Gradient of the sum: softmax(z) - onehot(y).
+
+    Sequences: z : (batch, T, n_classes) with y : (batch, T) integer labels (e.g. int64). A sample's
+    loss is the MEAN over its T positions of their cross-entropy, so the trainer's sum over the global
+    batch divided by its number of samples is the mean over all its positions (T is the same for every
+    sample), as torch's CrossEntropyLoss on (batch * T, n_classes); the gradient is scaled by 1 / T.
+    Computed on z as (batch * T, n_classes) rows.
     """
 
     task = "classification"
@@ -59,16 +65,33 @@ class SoftmaxCrossEntropy(Loss):
         # sum_i logsumexp(z_i) - z_i[y_i], with the max shift cancelling out
         return float(np.log(sums).sum(dtype=np.float64) - shifted[np.arange(len(y)), y].sum(dtype=np.float64))
 
+    @staticmethod
+    def _rows(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """(z, y, 1) for (batch, C) logits; (z as (batch * T, C), y as (batch * T,), T) for sequences."""
+        if z.ndim == 2:
+            return z, y, 1
+        if z.ndim != 3 or y.shape != z.shape[:2]:
+            raise ValueError(f"SoftmaxCrossEntropy takes logits (batch, C) with labels (batch,), or (batch, T, C) "
+                             f"with labels (batch, T); got logits {z.shape} and labels {y.shape}")
+        rows = z.shape[0] * z.shape[1]
+        return z.reshape(rows, z.shape[2]), y.reshape(rows), z.shape[1]
+
     def value_and_grad(self, z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-        shifted, dz, sums = self._exp_shifted(z, "grad")  # dz stays valid across value() calls
-        loss = self._loss_sum(shifted, sums, y)
+        z2, y2, positions = self._rows(z, y)
+        shifted, dz, sums = self._exp_shifted(z2, "grad")  # dz stays valid across value() calls
+        loss = self._loss_sum(shifted, sums, y2)
         dz /= sums  # softmax, in place of the exponentials
-        dz[np.arange(len(y)), y] -= 1
-        return loss, dz
+        dz[np.arange(len(y2)), y2] -= 1
+        if positions > 1:  # a sequence's loss is the mean over its positions
+            loss /= positions
+            dz *= 1.0 / positions
+        return loss, dz.reshape(z.shape)
 
     def value(self, z: np.ndarray, y: np.ndarray) -> float:
-        shifted, _, sums = self._exp_shifted(z, "value")
-        return self._loss_sum(shifted, sums, y)
+        z2, y2, positions = self._rows(z, y)
+        shifted, _, sums = self._exp_shifted(z2, "value")
+        loss = self._loss_sum(shifted, sums, y2)
+        return loss / positions if positions > 1 else loss
 
 
 class MeanSquaredError(Loss):

@@ -85,6 +85,12 @@ class Sequential:
         #: (``dptrain bench --layers`` sets it); None: nothing timed
         self.layer_seconds: np.ndarray | None = None
 
+    def decay_ranges(self) -> list[tuple[int, int]]:
+        """The (lo, hi) spans of ``param_buffer`` holding weight matrices and kernels (what
+        ``optim.decay = "matrices"`` decays): the parameters whose layer's ``decays`` says so."""
+        return [(s.offset, s.offset + s.size) for s in self.param_specs
+                if self.layers[s.layer_index].decays(s.key, s.shape)]
+
     @staticmethod
     def _view(buffer: np.ndarray, spec: ParamSpec) -> np.ndarray:
         return buffer[spec.offset : spec.offset + spec.size].reshape(spec.shape)

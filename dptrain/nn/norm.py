@@ -16,7 +16,8 @@ Parameter gradients are the LOCAL sums (this rank's samples only), like every ot
 trainer's gradient exchange adds them up. Statistics are accumulated in float64 even for float32
 activations; the elementwise work stays in the activations' dtype.
 
-LayerNorm normalizes each sample over all its values and needs no collective.
+LayerNorm normalizes each sample over all its values, or each position's feature vector of a sequence
+(``over="last"``), and needs no collective.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from .layers import Layer
 
 F64 = np.float64
 SUM_BLOCK = 256  # rows summed in the activations' dtype before the float64 accumulation
+#: what a LayerNorm normalizes over: each whole sample, or the last axis (each position of a sequence)
+LAYERNORM_OVER = ("sample", "last")
 
 
 def channel_sums(a: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -179,6 +182,9 @@ class BatchNorm(Layer):
         dx *= scale.astype(dy.dtype).reshape(bshape)
         return dx
 
+    def decays(self, key: str, shape: tuple[int, ...]) -> bool:
+        return False  # a scale and a shift: no weight decay
+
     def describe(self) -> str:
         return f"{type(self).__name__}(momentum={self.momentum}, eps={self.eps})"
 
@@ -202,25 +208,37 @@ class BatchNorm2d(BatchNorm):
 
 
 class LayerNorm(Layer):
-    """Layer normalization over each whole sample (torch's LayerNorm(normalized_shape=sample shape)).
+    """Layer normalization, over each whole sample or over the last axis.
 
-    ``y = (x - mean) / sqrt(var + eps) * weight + bias``, mean and biased variance over the D
-    values of one sample, accumulated in float64. weight (init 1) and bias (init 0) have the
-    sample's shape. The same in training and evaluation; no collective.
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias``, mean and biased variance over the D values of
+    one row, accumulated in float64; the same in training and evaluation; no collective.
+
+    * ``over="sample"`` (default): a row is a whole sample (torch's LayerNorm(normalized_shape=the
+      sample's shape)); weight (init 1) and bias (init 0) have the sample's shape.
+    * ``over="last"``: a row is the feature vector of one position: on (batch, T, D) sequences, each of
+      the batch * T positions is normalized over its D features (torch's LayerNorm(D)); weight and bias
+      are (D,), and their gradients add up over the positions.
+
+    On flat samples (D,) both are the same. Computed on x as (rows, D): (batch, sample size) or
+    (batch * T, D).
     """
 
     syncs_batch_statistics = False
 
-    def __init__(self, eps: float = 1e-5) -> None:
+    def __init__(self, eps: float = 1e-5, over: str = "sample") -> None:
         super().__init__()
         if not float(eps) > 0.0:
             raise ValueError(f"LayerNorm needs eps > 0, got {eps}")
+        if over not in LAYERNORM_OVER:
+            raise ValueError(f"LayerNorm: over must be 'sample' or 'last', got {over!r}")
         self.eps = float(eps)
-        self._xhat: np.ndarray | None = None  # (batch, D)
-        self._invstd: np.ndarray | None = None  # (batch,) float64
+        self.over = over
+        self._xhat: np.ndarray | None = None  # (rows, D)
+        self._invstd: np.ndarray | None = None  # (rows,) float64
 
     def param_shapes(self, in_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-        return {"weight": tuple(in_shape), "bias": tuple(in_shape)}
+        shape = tuple(in_shape) if self.over == "sample" else tuple(in_shape[-1:])
+        return {"weight": shape, "bias": shape}
 
     def init_params(self, rng: np.random.Generator) -> None:
         self.params["weight"][...] = 1.0
@@ -228,8 +246,10 @@ class LayerNorm(Layer):
 
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
         """x : (batch, *sample_shape) -> y of the same shape and dtype."""
-        n = len(x)
-        d = math.prod(x.shape[1:])
+        if self.over == "sample":
+            n, d = len(x), math.prod(x.shape[1:])
+        else:
+            n, d = math.prod(x.shape[:-1]), x.shape[-1]
         x2 = x.reshape(n, d)
         xhat = self.workspace("xhat", (n, d), x.dtype)
         y = self.workspace("y", (n, d), x.dtype)
@@ -256,9 +276,12 @@ class LayerNorm(Layer):
         n, d = xhat.shape
         dy2 = dy.reshape(n, d)
         dx = self.workspace("dx", (n, d), dy.dtype)
-        self.grads["bias"].reshape(d)[...] = np.sum(dy2, axis=0, dtype=F64)
+        sums = self.workspace("dsums", (2, d), F64)  # column sums: [dbias, dweight]
+        channel_sums(dy2, sums[0])
         np.multiply(dy2, xhat, out=dx)  # dx as scratch
-        self.grads["weight"].reshape(d)[...] = np.sum(dx, axis=0, dtype=F64)
+        channel_sums(dx, sums[1])
+        self.grads["bias"].reshape(d)[...] = sums[0]
+        self.grads["weight"].reshape(d)[...] = sums[1]
         if not input_grad:
             return None
         g = self.workspace("g", (n, d), dy.dtype)  # the gradient with respect to xhat
@@ -273,5 +296,8 @@ class LayerNorm(Layer):
         dx *= invstd.astype(dy.dtype)[:, None]
         return dx.reshape(dy.shape)
 
+    def decays(self, key: str, shape: tuple[int, ...]) -> bool:
+        return False  # a scale and a shift, whatever the sample's shape: no weight decay
+
     def describe(self) -> str:
-        return f"LayerNorm(eps={self.eps})"
+        return f"LayerNorm(eps={self.eps}{', over=last' if self.over == 'last' else ''})"

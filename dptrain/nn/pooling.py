@@ -1,4 +1,5 @@
-"""Pooling over images (batch, C, H, W): max and average over windows, and the global average.
+"""Pooling over images (batch, C, H, W): max and average over windows, and the global average; and
+max and average pooling along sequences (batch, C, L), as the 2-D ones on (batch, C, 1, L).
 
 Pooling loops over the few offsets of its window, each step vectorized over the batch; outputs keep
 the input's memory order (channels-last after a Conv2D). An empty batch is fine.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .layers import Layer
-from .windows import offset_slices, show_pair, sized_pair, window_output
+from .windows import length_output, offset_slices, show_pair, sized_int, sized_pair, window_output
 
 
 class _Pool2D(Layer):
@@ -113,6 +114,55 @@ class AvgPool2D(_Pool2D):
         for rows, cols in slices:
             dx[:, :, rows, cols] += g
         return dx
+
+
+class _Pool1D(Layer):
+    """Shared set-up of the 1-D pooling layers: a ``pool`` window moved by ``stride`` (default: the pool)
+    along the length, no padding; positions past the last window are ignored. Both are ints.
+
+    A thin wrapper: x (batch, C, L) is seen as (batch, C, 1, L) (a view) and goes through the 2-D layer
+    with a (1, pool) window and stride (1, stride); the output keeps the input's memory order.
+    """
+
+    _POOL2D: type[_Pool2D]
+
+    def __init__(self, pool: int, stride: int | None = None) -> None:
+        super().__init__()
+        self.pool = sized_int(pool, "pool", 1)
+        self.stride = self.pool if stride is None else sized_int(stride, "stride", 1)
+        self.pool2d = self._POOL2D((1, self.pool), (1, self.stride))
+
+    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (in_shape[0], length_output(self, in_shape, self.pool, self.stride))
+
+    def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
+        """x : (N, C, L) -> y : (N, C, Lo), Lo = (L - pool) // stride + 1."""
+        if x.ndim != 3:
+            raise ValueError(f"{self.describe()} takes a batch of shape (batch, C, L), got {x.shape}")
+        return self.pool2d.forward(x[:, :, None, :], train)[:, :, 0, :]
+
+    def backward(self, dy: np.ndarray, input_grad: bool = True) -> np.ndarray:
+        """dy : (N, C, Lo) -> dx : (N, C, L)."""
+        return self.pool2d.backward(dy[:, :, None, :])[:, :, 0, :]
+
+    def workspace_nbytes(self) -> int:
+        return super().workspace_nbytes() + self.pool2d.workspace_nbytes()
+
+    def describe(self) -> str:
+        return f"{type(self).__name__}({self.pool}, stride={self.stride})"
+
+
+class MaxPool1D(_Pool1D):
+    """Maximum over each window of a sequence: (N, C, L) -> (N, C, Lo); the gradient goes to the first
+    maximum of a window (as :class:`MaxPool2D`)."""
+
+    _POOL2D = MaxPool2D
+
+
+class AvgPool1D(_Pool1D):
+    """Mean over each window of a sequence: (N, C, L) -> (N, C, Lo)."""
+
+    _POOL2D = AvgPool2D
 
 
 class GlobalAvgPool(Layer):

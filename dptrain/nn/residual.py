@@ -84,6 +84,10 @@ class Residual(Layer):
         layer, rest = self._inner(key)
         layer.bind_param(rest, param, grad)
 
+    def decays(self, key: str, shape: tuple[int, ...]) -> bool:
+        layer, rest = self._inner(key)
+        return layer.decays(rest, shape)
+
     def bind_buffer(self, key: str, buffer: np.ndarray) -> None:
         super().bind_buffer(key, buffer)
         layer, rest = self._inner(key)
