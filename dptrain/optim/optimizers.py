@@ -58,6 +58,25 @@ class _FlatOptimizer:
         self.lr = float(lr)
         self.weight_decay, self.momentum = float(weight_decay), float(momentum)
         self.steps = 0
+        #: the (lo, hi) spans of ``params`` that weight decay applies to, sorted; None: all of it
+        self.decay_ranges: tuple[tuple[int, int], ...] | None = None
+
+    def decay_only(self, ranges) -> None:
+        """Apply weight decay to these (lo, hi) spans of ``params`` only (e.g. the weight matrices:
+        :meth:`dptrain.nn.Sequential.decay_ranges`); None: to every parameter."""
+        if ranges is None:
+            self.decay_ranges = None
+            return
+        spans = tuple(sorted((int(lo), int(hi)) for lo, hi in ranges))
+        n = len(self.params)
+        require(all(0 <= lo <= hi <= n for lo, hi in spans), f"decay ranges must lie in [0, {n}], got {spans}")
+        self.decay_ranges = spans
+
+    def _decayed_spans(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """The spans of [lo, hi) that weight decay applies to, relative to lo."""
+        if self.decay_ranges is None:
+            return [(0, hi - lo)]
+        return [(max(a, lo) - lo, min(b, hi) - lo) for a, b in self.decay_ranges if a < hi and b > lo]
 
     def hyperparameters(self) -> dict:
         """The keyword arguments that rebuild this optimizer (``lr`` is the current one)."""
@@ -66,13 +85,16 @@ class _FlatOptimizer:
     def step(self, grad_scale: float = 1.0) -> None:
         raise NotImplementedError
 
-    def with_buffers(self, params: np.ndarray, grads: np.ndarray):
-        """The same optimizer over other arrays, e.g. one rank's slice of the flat buffers (ZeRO-1).
+    def with_buffers(self, params: np.ndarray, grads: np.ndarray, start: int = 0):
+        """The same optimizer over other arrays, e.g. one rank's slice of the flat buffers (ZeRO-1),
+        which begins at element ``start`` of this optimizer's buffers.
 
-        Hyperparameters, ``lr`` and ``steps`` are copied; the state starts at zero (load it)."""
+        Hyperparameters, ``lr``, ``steps`` and the decay ranges are copied; the state starts at zero (load it)."""
         # lr is copied as an attribute: a schedule may have set a value __init__ refuses (0 at the end of a cosine)
         opt = type(self)(params, grads, **{**self.hyperparameters(), "lr": 1.0})
         opt.lr, opt.steps = self.lr, self.steps
+        if self.decay_ranges is not None:
+            opt.decay_only(self._decayed_spans(start, start + len(params)))
         return opt
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -131,7 +153,9 @@ class _BlockwiseOptimizer(_FlatOptimizer):
             return grads
         g = np.multiply(grads, grad_scale, out=self._grad[:hi - lo])
         if weight_decay:
-            np.add(g, np.multiply(self.params[lo:hi], weight_decay, out=self._scratch[:hi - lo]), out=g)
+            p, tmp = self.params[lo:hi], self._scratch
+            for a, b in self._decayed_spans(lo, hi):
+                np.add(g[a:b], np.multiply(p[a:b], weight_decay, out=tmp[a:b]), out=g[a:b])
         return g
 
 
@@ -172,6 +196,11 @@ class SGD(_FlatOptimizer):
         g, a = self.grads, grad_scale
         if self.weight_decay:  # g = grad_scale * grads + weight_decay * params
             g = np.multiply(self.params, self.weight_decay, out=self._decayed)
+            if self.decay_ranges is not None:  # zero outside the decayed spans
+                kept = np.zeros(len(g), dtype=bool)
+                for a, b in self.decay_ranges:
+                    kept[a:b] = True
+                g[~kept] = 0.0
             axpy(self.grads, g, a=grad_scale)
             a = 1.0
         if not self.momentum:
@@ -228,7 +257,8 @@ class Adam(_BlockwiseOptimizer):
         for lo, hi in self._blocks():
             p, m, v, tmp = self.params[lo:hi], self.exp_avg[lo:hi], self.exp_avg_sq[lo:hi], self._scratch[:hi - lo]
             if shrink is not None:
-                np.multiply(p, shrink, out=p)
+                for a, b in self._decayed_spans(lo, hi):
+                    np.multiply(p[a:b], shrink, out=p[a:b])
             g = self._gradient(lo, hi, grad_scale, l2)
             np.add(m, np.multiply(np.subtract(g, m, out=tmp), 1.0 - beta1, out=tmp), out=m)  # torch's lerp
             np.multiply(v, beta2, out=v)

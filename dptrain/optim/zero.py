@@ -36,7 +36,7 @@ class ShardedUpdate:
         self.counts = [bounds[r + 1] - bounds[r] for r in range(size)]
         self.lo, self.hi = bounds[comm.rank], bounds[comm.rank + 1]
         self.grad_block = np.empty(self.hi - self.lo, dtype=model.dtype)
-        self.optimizer = optimizer.with_buffers(model.param_buffer[self.lo : self.hi], self.grad_block)
+        self.optimizer = optimizer.with_buffers(model.param_buffer[self.lo : self.hi], self.grad_block, start=self.lo)
         self._flag = np.zeros(1, dtype=np.int64)
 
     def reduce(self, global_batch_size: int) -> float:
