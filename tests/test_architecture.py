@@ -37,6 +37,7 @@ THIRD_PARTY = {
     "dptrain.optim": {"numpy", "scipy", "threadpoolctl"},
     "dptrain.parallel.comm": {"numpy", "mpi4py"},
     "dptrain.cli": {"click"},
+    "dptrain.data": {"numpy", "sklearn", "mnist1d"},  # the datasets' own packages (mnist1d: an optional extra)
 }
 ALWAYS = {"numpy", "scipy", "threadpoolctl", "tqdm", "sklearn", "matplotlib", "tomli"}  # tqdm: the progress bar
 

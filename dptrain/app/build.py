@@ -15,7 +15,7 @@ from dptrain.config import Config
 from dptrain.config.layers import make_layer
 from dptrain.data import Dataset, steps_per_epoch
 from dptrain.errors import UserError
-from dptrain.nn import ACTIVATIONS, LOSSES, Dense, Flatten, Loss, Sequential
+from dptrain.nn import ACTIVATIONS, LOSSES, Dense, Embedding, Flatten, Loss, Sequential
 from dptrain.optim import OPTIMIZERS, hyperparameter_names
 from dptrain.optim.schedules import Schedule, make_schedule, scaled_lr
 from dptrain.training.early_stopping import EarlyStopping
@@ -40,6 +40,10 @@ def load_dataset(config: Config) -> Dataset:
         return data_mod.load_diabetes()
     if d.name == "csv":
         return data_mod.load_csv(d.path, d.target, labels=config.train.loss == "cross_entropy")
+    if d.name == "text":
+        return data_mod.load_text(d.path, d.block_size, d.val_fraction)
+    if d.name == "mnist1d":
+        return data_mod.load_mnist1d()
     return data_mod.load_npz(d.path)
 
 
@@ -50,7 +54,10 @@ def train_val_split(config: Config, dataset: Dataset) -> tuple[Dataset, Dataset]
     stays on disk: a rank reads and converts only the rows it takes; one in memory is converted
     once. Values that do not fit the dtype are refused here.
     """
-    train_idx, val_idx = data_mod.split_train_val(len(dataset), config.data.val_fraction, config.seed)
+    if dataset.split is not None:  # the data's own: a text's contiguous parts, MNIST-1D's test set
+        train_idx, val_idx = dataset.split
+    else:
+        train_idx, val_idx = data_mod.split_train_val(len(dataset), config.data.val_fraction, config.seed)
     if len(train_idx) == 0:
         raise UserError(f"data {dataset.source}: no training samples left after data.val_fraction = "
                         f"{config.data.val_fraction}")
@@ -88,9 +95,17 @@ def sample_shape(config: Config, n_features: int) -> tuple[int, ...]:
     return shape
 
 
+def predicts_sequences(config: Config) -> bool:
+    """Whether the model predicts a class at each position of a sequence (text: the next
+    character), its output (T, classes), rather than one per sample."""
+    return config.data.name == "text"
+
+
 def build_layers(config: Config, in_shape: tuple[int, ...], n_outputs: int) -> list:
     """The layers of ``model.layers`` (or of ``model.hidden`` + ``model.activation``), then the
-    output layer: a Dense(n_outputs) with Xavier initialisation, after a Flatten if needed.
+    output layer: a Dense(n_outputs) with Xavier initialisation, after a Flatten if needed; for
+    a model that predicts sequences, a Dense over the last axis of its (T, features) output.
+    An Embedding without ``vocab`` gets the data's class count.
 
     Hidden Dense layers of ``model.hidden`` use the activation's ``preferred_init``: He
     initialisation before ReLU-like activations and Xavier otherwise (after a Flatten if
@@ -99,6 +114,9 @@ def build_layers(config: Config, in_shape: tuple[int, ...], n_outputs: int) -> l
     m = config.model
     if m.layers:
         layers = [make_layer(table, i, config.seed) for i, table in enumerate(m.layers)]
+        for layer in layers:
+            if isinstance(layer, Embedding) and layer.vocab is None:
+                layer.vocab = n_outputs
     else:
         activation = ACTIVATIONS[m.activation]
         layers = [Flatten()] if len(in_shape) > 1 else []  # data.shape given for an MLP
@@ -111,7 +129,12 @@ def build_layers(config: Config, in_shape: tuple[int, ...], n_outputs: int) -> l
         except ValueError as exc:
             raise UserError(f"model.layers[{i}] ({layer.describe()}) cannot take samples of shape "
                             f"{list(shape)}: {exc}") from None
-    if len(shape) != 1:
+    if predicts_sequences(config):
+        if len(shape) != 2 or shape[0] != in_shape[0]:
+            raise UserError(f"model.layers end with samples of shape {list(shape)}, but a model of "
+                            f"data.name = {config.data.name!r} predicts each of the {in_shape[0]} positions: "
+                            f"it needs (positions, features), e.g. after an embedding")
+    elif len(shape) != 1:
         layers.append(Flatten())
     layers.append(Dense(n_outputs, init="xavier"))
     return layers
@@ -141,12 +164,16 @@ def build_model(config: Config, n_features: int, n_outputs: int, init: bool = Tr
 
 def build_optimizer(config: Config, model: Sequential):
     """The optimizer of ``optim.name`` over the model's flat buffers, with the config's values for
-    the hyperparameters it takes (its lr is then set by the schedule before each step)."""
+    the hyperparameters it takes (its lr is then set by the schedule before each step); weight decay
+    on the weight matrices only with ``optim.decay = "matrices"``."""
     o = config.optim
     kwargs = {k: getattr(o, k) for k in hyperparameter_names(o.name)}
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
-    return OPTIMIZERS[o.name](model.param_buffer, model.grad_buffer, **kwargs)
+    optimizer = OPTIMIZERS[o.name](model.param_buffer, model.grad_buffer, **kwargs)
+    if o.decay == "matrices":
+        optimizer.decay_only(model.decay_ranges())
+    return optimizer
 
 
 def build_schedule(config: Config, steps_per_epoch: int) -> Schedule:

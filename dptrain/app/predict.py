@@ -54,7 +54,10 @@ def model_from_checkpoint(ckpt: Checkpoint) -> tuple[Config, Sequential]:
     if not weights or len(weights[-1][1]) != 2:
         raise UserError(f"checkpoint {ckpt.path}: model.npz has no output layer weight (layers.N.weight of "
                         f"shape (in, K))")
-    n_features = int(np.prod(config.data.shape)) if config.data.shape else int(weights[0][1][0])
+    if config.data.name == "text":  # a window of block_size character ids
+        n_features = config.data.block_size
+    else:
+        n_features = int(np.prod(config.data.shape)) if config.data.shape else int(weights[0][1][0])
     model = build_model(config, n_features, int(weights[-1][1][1]), init=False)
     return config, restore_model(ckpt, model)
 

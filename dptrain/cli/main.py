@@ -21,6 +21,7 @@ from .model import model_group
 from .options import CONTEXT
 from .plot import plot_command
 from .predict import predict_command
+from .sample import sample_command
 from .train import train
 
 
@@ -36,6 +37,6 @@ def main(ctx: click.Context) -> None:
         ctx.invoke(train)
 
 
-for command in (train, eval_command, predict_command, launch, bench, model_group, plot_command, info_command,
-                config_group):
+for command in (train, eval_command, predict_command, sample_command, launch, bench, model_group, plot_command,
+                info_command, config_group):
     main.add_command(command)

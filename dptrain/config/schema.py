@@ -16,13 +16,14 @@ from dptrain.nn import ACTIVATIONS, LOSSES
 from dptrain.optim import OPTIMIZERS
 from dptrain.training.evaluation import VALIDATION_KEYS
 
-DATASETS = ("digits", "synthetic", "npz", "csv", "diabetes")
+DATASETS = ("digits", "synthetic", "npz", "csv", "diabetes", "text", "mnist1d")
 ACTIVATION_NAMES = tuple(ACTIVATIONS)  # the choices of model.activation, train.loss and optim.name
 LOSS_NAMES = tuple(LOSSES)
 OPTIMIZER_NAMES = tuple(OPTIMIZERS)
 MONITORED_METRICS = VALIDATION_KEYS
 DTYPES = ("float32", "float64")
 COMPRESSIONS = ("none", "fp16")
+DECAYS = ("all", "matrices")
 MAX_WIDTH = 2**20  # layer widths, features and classes: beyond this a typo, not a model
 MAX_SYNTHETIC_VALUES = 2**28  # 2 GiB of float64 synthetic features
 
@@ -31,15 +32,17 @@ MAX_SYNTHETIC_VALUES = 2**28  # 2 GiB of float64 synthetic features
 class DataConfig:
     """[data]: the dataset, its split into training and validation, its order."""
 
-    name: str = "digits"  # digits | synthetic | npz | csv | diabetes
-    path: str = ""  # the .npz file, for name = "npz"; the .csv file, for name = "csv"
+    name: str = "digits"  # digits | synthetic | npz | csv | diabetes | text | mnist1d
+    path: str = ""  # the .npz file, for name = "npz"; the .csv file, for name = "csv"; the UTF-8 file, for "text"
     target: str = ""  # csv: the name of the label column (every other column is a feature)
-    val_fraction: float = 0.2  # share of samples held out for validation, in [0, 1)
+    # share of samples held out for validation, in [0, 1); text: the end of the file; mnist1d: its test set, always
+    val_fraction: float = 0.2
     shuffle: bool = True  # a new global order each epoch
     n_samples: int = 2000  # synthetic only
     n_features: int = 20  # synthetic only
     n_classes: int = 4  # synthetic only
     shape: tuple[int, ...] = ()  # one sample's shape, e.g. [1, 8, 8] for images (C, H, W); [] = flat
+    block_size: int = 64  # text: characters per sample (the targets are the next character at each)
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,9 @@ class OptimConfig:
     momentum: float = 0.9  # sgd and rmsprop
     nesterov: bool = False  # sgd
     weight_decay: float = 0.0  # L2 added to the gradient (sgd, adam, rmsprop); decoupled for adamw
+    # what weight_decay applies to: all | matrices (the weights of dense, conv, attention and gru layers;
+    # not biases, norms or embeddings, as GPT training does)
+    decay: str = "all"
     betas: tuple[float, ...] = (0.9, 0.999)  # adam, adamw
     eps: float = 1e-8  # adam, adamw, rmsprop
     alpha: float = 0.99  # rmsprop: smoothing of the squared gradient

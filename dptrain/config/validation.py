@@ -16,6 +16,7 @@ from .schema import (
     ACTIVATION_NAMES,
     COMPRESSIONS,
     DATASETS,
+    DECAYS,
     DTYPES,
     LOSS_NAMES,
     MAX_SYNTHETIC_VALUES,
@@ -43,6 +44,12 @@ def validate(config: Config, where: str = "config") -> None:
     choose("data.name", d.name, DATASETS)
     if d.name == "npz" and not d.path:
         fail("data.path", "must name an .npz file or a folder with x.npy and y.npy when data.name = \"npz\"")
+    if d.name == "text" and not d.path:
+        fail("data.path", "must name a UTF-8 text file when data.name = \"text\"")
+    if d.name == "text" and not 1 <= d.block_size <= MAX_WIDTH:
+        fail("data.block_size", f"must be in [1, {MAX_WIDTH}], got {d.block_size}")
+    if d.name == "text" and t.loss != "cross_entropy":
+        fail("train.loss", f"is {t.loss!r}; text data predicts the next character: use \"cross_entropy\"")
     if d.name == "csv" and not d.path:
         fail("data.path", "must name a .csv file when data.name = \"csv\"")
     if d.name == "csv" and not d.target:
@@ -86,6 +93,7 @@ def validate(config: Config, where: str = "config") -> None:
     if o.nesterov and (o.momentum == 0 or o.name != "sgd"):
         fail("optim.nesterov", "needs optim.name = \"sgd\" and optim.momentum > 0")
     _validate_optimizer_keys(o, where)
+    choose("optim.decay", o.decay, DECAYS)
     choose("optim.schedule", o.schedule, SCHEDULES)
     if t.steps == 0 and not (0 <= o.warmup_epochs < t.epochs):
         fail("optim.warmup_epochs", f"must be in [0, train.epochs = {t.epochs}), got {o.warmup_epochs}")

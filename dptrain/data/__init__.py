@@ -6,7 +6,7 @@ but :mod:`dptrain.errors`.
 """
 
 from .arrays import load_npy, load_npz, load_npz_arrays
-from .builtin import load_diabetes, load_digits, make_synthetic
+from .builtin import load_diabetes, load_digits, load_mnist1d, make_synthetic
 from .csv_files import is_number, load_csv, read_csv
 from .dataset import (
     MAX_CLASSES,
@@ -19,7 +19,9 @@ from .dataset import (
     split_train_val,
     steps_per_epoch,
 )
+from .text import Windows, decode, encode, load_text, split_text
 
-__all__ = ["MAX_CLASSES", "Dataset", "RowView", "check_features", "evaluation_rows", "first_non_finite_row", "is_number",
-           "list_names", "load_csv", "load_diabetes", "load_digits", "load_npy", "load_npz", "load_npz_arrays", "make_synthetic",
-           "read_csv", "split_train_val", "steps_per_epoch"]
+__all__ = ["MAX_CLASSES", "Dataset", "RowView", "Windows", "check_features", "decode", "encode", "evaluation_rows",
+           "first_non_finite_row", "is_number", "list_names", "load_csv", "load_diabetes", "load_digits", "load_mnist1d",
+           "load_npy", "load_npz", "load_npz_arrays", "load_text", "make_synthetic", "read_csv", "split_text",
+           "split_train_val", "steps_per_epoch"]

@@ -1,4 +1,4 @@
-"""The built-in datasets: scikit-learn's digits and diabetes, and synthetic classification data."""
+"""The built-in datasets: scikit-learn's digits and diabetes, MNIST-1D, and synthetic classification data."""
 
 from __future__ import annotations
 
@@ -38,4 +38,23 @@ def load_diabetes() -> Dataset:
     bunch = sk_load_diabetes()
     dataset = Dataset(bunch.data.astype(np.float64), bunch.target.astype(np.float64).reshape(-1, 1), None, "diabetes")
     dataset._finite = True
+    return dataset
+
+
+def load_mnist1d() -> Dataset:
+    """MNIST-1D (Greydanus, "Scaling down deep learning", 2020), generated offline by the ``mnist1d``
+    package with its standard arguments (``make_dataset(get_dataset_args())``, data seed 42): 4000
+    training and 1000 test sequences of 40 floats, 10 classes. ``split`` keeps that split: the test
+    sequences are the validation data. UserError if the package is not installed."""
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        raise UserError('data.name = "mnist1d" needs the mnist1d package: pip install "dptrain[mnist1d]"') from None
+    data = make_dataset(get_dataset_args())
+    x = np.concatenate([data["x"], data["x_test"]]).astype(np.float64)
+    y = np.concatenate([data["y"], data["y_test"]]).astype(np.int64)
+    dataset = Dataset(x, y, 10, "mnist1d")
+    n_train = len(data["x"])
+    dataset.split = (np.arange(n_train), np.arange(n_train, len(x)))
+    dataset._finite = bool(np.isfinite(x).all())
     return dataset

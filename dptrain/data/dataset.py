@@ -42,11 +42,16 @@ class Dataset:
         self._x_casts: tuple[np.dtype, ...] = ()  # conversions applied in turn to rows of base_x
         self._y_casts: tuple[np.dtype, ...] = ()
         self._finite = False  # every value of base_x (and of float base_y) is known to be finite
+        self.vocab: str | None = None  # text: the characters the class ids stand for
+        #: the data's own (training rows, validation rows), used instead of the seeded random split:
+        #: a text's contiguous parts, MNIST-1D's standard split; None for the others (whole datasets only)
+        self.split: tuple[np.ndarray, np.ndarray] | None = None
 
     def _view(self, rows: np.ndarray | None, x_casts: tuple[np.dtype, ...],
               y_casts: tuple[np.dtype, ...]) -> Dataset:
         view = Dataset(self.base_x, self.base_y, self.n_classes, self.source)
         view.rows, view._x_casts, view._y_casts, view._finite = rows, x_casts, y_casts, self._finite
+        view.vocab = self.vocab
         return view
 
     def __len__(self) -> int:
@@ -55,6 +60,12 @@ class Dataset:
     def __repr__(self) -> str:
         return (f"Dataset({self.source or 'arrays'}: {len(self)} rows of {self.n_features} features as "
                 f"{self.dtype}, {self.task}{'' if self.n_classes is None else f' ({self.n_classes} classes)'})")
+
+    @property
+    def reads_on_demand(self) -> bool:
+        """The arrays stay where they are (a memory-mapped file, windows over a text): rows are
+        read and converted when taken, never all at once."""
+        return any(isinstance(a, np.memmap) or getattr(a, "reads_on_demand", False) for a in (self.base_x, self.base_y))
 
     @property
     def n_features(self) -> int:
@@ -124,7 +135,7 @@ class Dataset:
         """``astype(dtype).in_memory()`` with each value converted once: an in-memory dataset is
         converted into new arrays, then those are checked (the same values and errors as astype);
         a memory-mapped one is checked by chunks and stays a view on disk."""
-        if isinstance(self.base_x, np.memmap) or isinstance(self.base_y, np.memmap):
+        if self.reads_on_demand:
             return self.astype(dtype)
         view = self._cast(dtype)
         done = view.in_memory()
@@ -154,12 +165,12 @@ class Dataset:
     def in_memory(self) -> Dataset:
         """An in-memory dataset with its conversions done once (x and y read into new arrays), so
         ``take`` only gathers rows; a memory-mapped one is returned as it is (it stays on disk)."""
-        if isinstance(self.base_x, np.memmap) or isinstance(self.base_y, np.memmap):
+        if self.reads_on_demand:
             return self
         if self.rows is None and not self._x_casts and not self._y_casts:
             return self
         done = Dataset(np.ascontiguousarray(self.x), np.ascontiguousarray(self.y), self.n_classes, self.source)
-        done._finite = self._finite
+        done._finite, done.vocab = self._finite, self.vocab
         return done
 
     def _all_finite(self) -> bool:

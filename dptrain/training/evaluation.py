@@ -67,8 +67,9 @@ def evaluate(model: Sequential, loss: Loss, dataset: Dataset, comm=None) -> dict
         x, y = dataset.take(idx)
         z = model.forward(x, train=False)
         sums[0] += loss.value(z, y)
-        if loss.task == "classification":
-            sums[1] += np.count_nonzero(z.argmax(axis=1) == y)
+        if loss.task == "classification":  # a sequence's accuracy: the share of its positions right
+            right = z.argmax(axis=-1) == y
+            sums[1] += np.count_nonzero(right) / (right[0].size if right.ndim > 1 else 1)
         elif loss.task == "multilabel":  # the share of labels right, each predicted by logit > 0
             sums[1] += np.count_nonzero((z > 0) == (y > 0.5)) / max(z.shape[1], 1)
         else:

@@ -218,7 +218,7 @@ def test_summary_json_has_the_best_metric_final_metrics_and_the_run(tmp_path, co
     summary = json.loads((out / "summary.json").read_text())
     epochs = [r for r in read_rows(out) if r["kind"] == "epoch"]
     best = min(epochs, key=lambda r: r["val_loss"])
-    assert summary["best"] == {"metric": "val_loss", "value": best["val_loss"], "epoch": best["epoch"]}
+    assert summary["best"] == {"metric": "val_loss", "value": best["val_loss"], "epoch": best["epoch"], "step": best["step"]}
     best_accuracy = max(epochs, key=lambda r: r["val_accuracy"])
     assert summary["best_by_metric"]["val_accuracy"]["value"] == best_accuracy["val_accuracy"]
     final = summary["final_metrics"]
@@ -246,12 +246,13 @@ def test_summary_records_early_stopping_and_preemption(tmp_path):
     assert summary["stopped_early"] and summary["status"] == "stopped_early" and summary["epochs"] == 2
     rows = [r for r in read_rows(tmp_path / "early") if r["kind"] == "epoch"]
     # the best as early stopping counts it (no improvement by more than min_delta after epoch 1) ...
-    assert summary["best"] == {"metric": "val_accuracy", "value": early.best, "epoch": early.best_epoch}
+    assert summary["best"] == {"metric": "val_accuracy", "value": early.best, "epoch": early.best_epoch, "step": None}
     assert (early.best, early.best_epoch) == (rows[0]["val_accuracy"], 1)
     # ... while best_by_metric holds each metric's extreme (here higher in epoch 2)
     best = max(rows, key=lambda r: r["val_accuracy"])
     assert rows[1]["val_accuracy"] > rows[0]["val_accuracy"]
-    assert summary["best_by_metric"]["val_accuracy"] == {"value": best["val_accuracy"], "epoch": best["epoch"]}
+    assert summary["best_by_metric"]["val_accuracy"] == {"value": best["val_accuracy"], "epoch": best["epoch"],
+                                                         "step": best["step"]}
 
     stop = StopOnSignal()
 

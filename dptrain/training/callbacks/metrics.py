@@ -206,14 +206,16 @@ class MetricsLogger(Callback):
     # -- summary --------------------------------------------------------------------------------
 
     def _update_best(self, row: dict[str, Any]) -> None:
-        epoch = _as_int(row.get("epoch"))
+        epoch, step = _as_float(row.get("epoch")), _as_int(row.get("step"))
+        if epoch is not None and epoch == int(epoch):
+            epoch = int(epoch)
         for name, lower in LOWER_IS_BETTER.items():
             value = _as_float(row.get(name))
             if value is None or not math.isfinite(value) or epoch is None:
                 continue
             best = self._best.get(name)
             if best is None or (value < best[0] if lower else value > best[0]):
-                self._best[name] = (value, epoch)
+                self._best[name] = (value, epoch, step)
 
     def _monitored(self, trainer: Trainer) -> str:
         if self.monitor is not None:
@@ -225,7 +227,9 @@ class MetricsLogger(Callback):
         best = self._best.get(monitor)
         early = trainer.early_stopping
         if early is not None and early.metric == monitor:  # early stopping's best, whatever min_delta
-            best = None if math.isnan(early.best) else (early.best, early.best_epoch)
+            # early stopping counts in steps when evaluating every eval.every_steps steps
+            counted = (None, early.best_epoch) if trainer.eval_every_steps else (early.best_epoch, None)
+            best = None if math.isnan(early.best) else (early.best, *counted)
         samples = self._run_window.totals(trainer).samples
         final = {k: _plain(v) for k, v in trainer.last_metrics.items()
                  if k in ("epoch", "step", "train_loss", "lr") or k.startswith("val_")}
@@ -234,8 +238,9 @@ class MetricsLogger(Callback):
             "status": status,
             "preempted": bool(trainer.stopped),
             "stopped_early": bool(trainer.stopped_early),
-            "best": None if best is None else {"metric": monitor, "value": best[0], "epoch": best[1]},
-            "best_by_metric": {k: {"value": v, "epoch": e} for k, (v, e) in self._best.items()},
+            "best": None if best is None else {"metric": monitor, "value": best[0], "epoch": best[1], "step": best[2]},
+            "best_by_metric": {k: {"value": v, "epoch": e, "step": s} for k, (v, e, s) in self._best.items()},
+            "measured_in": "steps" if trainer.by_steps or trainer.eval_every_steps else "epochs",
             "final_metrics": final,
             "epochs": trainer.epoch,
             "steps": trainer.step,
@@ -277,7 +282,8 @@ def summary_line(summary: dict[str, Any]) -> str:
     parts.append(f"{summary['world_size']} rank{'s' if summary['world_size'] > 1 else ''}")
     best = summary.get("best")
     if best is not None:
-        parts.append(f"best {best['metric']} {best['value']:.4f} at epoch {best['epoch']}")
+        where = f"step {best.get('step')}" if summary.get("measured_in") == "steps" else f"epoch {best['epoch']}"
+        parts.append(f"best {best['metric']} {best['value']:.4f} at {where}")
     if summary.get("stopped_early"):
         parts.append(f"stopped early after epoch {summary['epochs']}")
     return ", ".join(parts)

@@ -82,7 +82,8 @@ class ProgressBar(Callback):
             return
         if self.every_steps and step % self.every_steps == 0:
             done = trainer.totals - self._line_mark
-            self.echo(f"step {step}/{self._total}  epoch {trainer.epoch + 1}  train_loss {done.train_loss:.4f}  "
+            epoch = f"{step / trainer.steps_per_epoch:.2f}" if trainer.by_steps else trainer.epoch + 1
+            self.echo(f"step {step}/{self._total}  epoch {epoch}  train_loss {done.train_loss:.4f}  "
                       f"samples/s {done.samples_per_s:,.0f}  lr {trainer.lr:.4g}")
             self._line_mark = trainer.totals.copy()
 
