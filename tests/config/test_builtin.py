@@ -37,7 +37,8 @@ def test_config_list_names_each_builtin_with_its_summary():
     assert result.exit_code == 0
     lines = result.output.splitlines()
     assert [line.split()[0] for line in lines] == ["bench_cnn", "bench_resnet", "diabetes_mlp", "digits_cnn",
-                                                   "digits_mlp", "digits_resnet"]
+                                                   "digits_mlp", "digits_resnet", "mnist1d_cnn", "mnist1d_gru",
+                                                   "mnist1d_logreg", "mnist1d_mlp", "shakespeare_char"]
     assert "A small CNN" in lines[3]
 
 
@@ -53,4 +54,5 @@ def test_an_unknown_name_lists_the_builtins():
     result = CliRunner().invoke(main, ["config", "show", "--config", "digits_rnn"])
     assert result.exit_code == 2
     assert result.output == ("error: config digits_rnn: not found (nor a built-in config: bench_cnn, bench_resnet, "
-                             "diabetes_mlp, digits_cnn, digits_mlp, digits_resnet)\n")
+                             "diabetes_mlp, digits_cnn, digits_mlp, digits_resnet, mnist1d_cnn, mnist1d_gru, "
+                             "mnist1d_logreg, mnist1d_mlp, shakespeare_char)\n")
