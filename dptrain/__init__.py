@@ -6,12 +6,14 @@ Python API (the CLI is a thin face over it)::
     from dptrain import Conv2D, BatchNorm, Dropout, Flatten, Adam, make_schedule, EarlyStopping
     from dptrain import Embedding, PositionEmbedding, Conv1D, MaxPool1D, AvgPool1D  # sequences
     from dptrain import MultiHeadSelfAttention, GRU  # attention and recurrence over sequences
+    from dptrain import generate  # text from a character model
     from dptrain.data import load_digits, split_train_val
 
 Run a script that uses it alone, or with ``mpirun -n 4 python script.py``.
 """
 
 from ._version import __version__
+from .app.sample import generate
 from .config import Config, load_config
 from .nn import *  # noqa: F401,F403  (every layer and loss)
 from .nn import __all__ as _nn_names
@@ -22,6 +24,6 @@ from .training.callbacks import MetricsLogger, ProgressBar, Timeline
 
 __all__ = [
     *_nn_names, "SGD", "Adam", "AdamW", "RMSprop", "Callback", "CheckpointPolicy", "Config", "EarlyStopping",
-    "MetricsLogger", "ProgressBar", "Timeline", "Trainer", "evaluate", "load_config", "make_comm", "make_schedule",
+    "MetricsLogger", "generate", "ProgressBar", "Timeline", "Trainer", "evaluate", "load_config", "make_comm", "make_schedule",
     "scaled_lr", "__version__",
 ]

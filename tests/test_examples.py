@@ -22,7 +22,7 @@ def run_example(name: str, cwd, ranks: int | None):
 
 
 def test_every_example_is_tested():
-    assert EXAMPLES == ["custom_callback.py", "custom_layer.py", "train_cnn.py", "train_mlp.py"]
+    assert EXAMPLES == ["custom_callback.py", "custom_layer.py", "train_cnn.py", "train_gpt.py", "train_mlp.py"]
 
 
 def check_train_mlp(lines, folder) -> None:
@@ -66,3 +66,14 @@ def test_custom_layer_in_a_residual_block(tmp_path, ranks):
     [line] = run_example("custom_layer.py", tmp_path, ranks)
     gamma, accuracy = line.split(";")
     assert float(gamma.split()[-1]) > 0.2 and float(accuracy.split()[-1]) > 0.95
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+def test_train_gpt_learns_its_verse_and_writes_in_it(tmp_path, ranks):
+    lines = run_example("train_gpt.py", tmp_path, ranks)
+    first, last = (float(v) for v in lines[0].removeprefix("val_loss ").split(" -> "))
+    assert last < first / 2
+    verse = "Shall I compare thee to a summer's day?\nThou art more lovely and more temperate:\n"
+    text = "\n".join(lines[1:])
+    assert text and set(text) <= set(verse)
+    assert (tmp_path / "runs" / "api-gpt" / "checkpoints" / "latest" / "model.npz").is_file()

@@ -19,9 +19,9 @@ from .dataset import (
     split_train_val,
     steps_per_epoch,
 )
-from .text import Windows, decode, encode, load_text, split_text
+from .text import Windows, decode, encode, load_text, split_text, text_dataset
 
 __all__ = ["MAX_CLASSES", "Dataset", "RowView", "Windows", "check_features", "decode", "encode", "evaluation_rows",
            "first_non_finite_row", "is_number", "list_names", "load_csv", "load_diabetes", "load_digits", "load_mnist1d",
            "load_npy", "load_npz", "load_npz_arrays", "load_text", "make_synthetic", "read_csv", "split_text",
-           "split_train_val", "steps_per_epoch"]
+           "split_train_val", "steps_per_epoch", "text_dataset"]

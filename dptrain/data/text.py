@@ -82,18 +82,26 @@ def read_text(path: str) -> str:
 
 
 def load_text(path: str, block_size: int, val_fraction: float) -> Dataset:
-    """The windows of the text in ``path``: x and y are (N, block_size) :class:`Windows` of ids (the
-    targets shifted by one), ``n_classes`` the vocabulary size, ``vocab`` the vocabulary and ``split``
-    the contiguous training and validation rows (:func:`split_text`).
-    UserError naming the file for a text too short for one training window."""
-    text = read_text(path)
-    if _cut(len(text), val_fraction) < block_size + 1:
-        raise UserError(f"data file {path}: {len(text):,} characters leave {_cut(len(text), val_fraction):,} for "
-                        f"training, fewer than one window of data.block_size + 1 = {block_size + 1}")
+    """:func:`text_dataset` of the UTF-8 file at ``path``; UserError naming the file when it cannot be
+    read, or leaves fewer training characters than one window."""
+    try:
+        return text_dataset(read_text(path), block_size, val_fraction, os.path.basename(path))
+    except ValueError as exc:
+        raise UserError(f"data file {path}: {exc}") from None
+
+
+def text_dataset(text: str, block_size: int, val_fraction: float, source: str = "text") -> Dataset:
+    """The windows of ``text``: x and y are (N, block_size) :class:`Windows` of ids (the targets
+    shifted by one), ``n_classes`` the vocabulary size, ``vocab`` the vocabulary (the sorted distinct
+    characters) and ``split`` the contiguous training and validation rows (:func:`split_text`).
+    ValueError for a text whose training part is shorter than one window."""
+    cut = _cut(len(text), val_fraction)
+    if cut < block_size + 1:
+        raise ValueError(f"{len(text):,} characters leave {cut:,} for training, fewer than one window of "
+                         f"data.block_size + 1 = {block_size + 1}")
     vocab = "".join(sorted(set(text)))
     ids = encode(text, vocab)
-    dataset = Dataset(Windows(ids, block_size, 0), Windows(ids, block_size, 1), max(len(vocab), 2),
-                      os.path.basename(path))
+    dataset = Dataset(Windows(ids, block_size, 0), Windows(ids, block_size, 1), max(len(vocab), 2), source)
     dataset.vocab = vocab
     dataset._finite = True  # ids: integers, exact in the float dtypes
     dataset.split = split_text(dataset, val_fraction)
