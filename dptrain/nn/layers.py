@@ -381,7 +381,7 @@ class GELU(Layer):
     default ``F.gelu`` (not its tanh approximation).
 
     Phi and phi are the standard normal CDF and density; dx = dy * (Phi(x) + x * phi(x)).
-    Forward caches x and Phi(x): SciPy's erf in float64, a fast rational form within 2.1e-7 of it in
+    Forward caches x and Phi(x): SciPy's erf in float64, a fast formula within 3e-7 of it in
     float32 (:mod:`dptrain.nn.special`).
     """
 

@@ -98,7 +98,8 @@ def test_new_activations_large_inputs_float32_and_empty(layer_cls):
     x32 = np.random.default_rng(14).standard_normal((3, 4)).astype(np.float32)
     y32 = layer.forward(x32)
     assert y32.dtype == np.float32
-    np.testing.assert_allclose(y32, layer_cls().forward(x32.astype(np.float64)), rtol=1e-6, atol=1e-7)
+    # GELU's float32 CDF is within 3e-7 of the exact one (dptrain.nn.special): y within 3e-7 |x|
+    np.testing.assert_allclose(y32, layer_cls().forward(x32.astype(np.float64)), rtol=1e-6, atol=1e-6)
     assert layer.backward(np.ones_like(x32)).dtype == np.float32
 
     empty = np.zeros((0, 4))
