@@ -24,13 +24,17 @@ _P = 0.3275911
 _A = (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592)
 
 
-def normal_cdf(x: np.ndarray, out: np.ndarray, scratch: np.ndarray, scratch2: np.ndarray) -> np.ndarray:
-    """Phi(x) = (1 + erf(x / sqrt(2))) / 2 into ``out``; ``scratch`` and ``scratch2`` are two more arrays
-    of x's shape and dtype. float64: SciPy's erf (exact to rounding); float32: the formula above, with
-    no allocation."""
+def normal_cdf(x: np.ndarray, out: np.ndarray, gauss: np.ndarray, scratch: np.ndarray,
+               scratch2: np.ndarray) -> np.ndarray:
+    """Phi(x) = (1 + erf(x / sqrt(2))) / 2 into ``out``, and exp(-x^2 / 2) into ``gauss`` (the normal
+    density times sqrt(2 pi), which GELU's backward needs); ``scratch`` and ``scratch2`` are two more
+    arrays of x's shape and dtype. float64: SciPy's erf (exact to rounding); float32: the formula above, with no allocation."""
     if x.dtype != np.float32:
         from scipy.special import erf  # here, not at the top: scipy.special takes 0.2 s to import
 
+        np.multiply(x, x, out=gauss)
+        gauss *= -0.5
+        np.exp(gauss, out=gauss)
         np.multiply(x, _SQRT_HALF, out=out)
         erf(out, out=out)
         out += 1
@@ -45,7 +49,7 @@ def normal_cdf(x: np.ndarray, out: np.ndarray, scratch: np.ndarray, scratch2: np
     for a in _A[1:]:
         h += f(a * 0.5)
         h *= t
-    e = np.multiply(x, x, out=scratch)  # t is done with
+    e = np.multiply(x, x, out=gauss)
     e *= f(-0.5)
     np.exp(e, out=e)  # exp(-z^2) = exp(-x^2 / 2)
     h *= e  # h = Phi(-|x|)

@@ -10,7 +10,11 @@ from dptrain.nn.special import normal_cdf
 
 
 def _cdf(x):
-    return normal_cdf(x, *(np.empty_like(x) for _ in range(3)))
+    gauss = np.empty_like(x)
+    cdf = normal_cdf(x, np.empty_like(x), gauss, np.empty_like(x), np.empty_like(x))
+    with np.errstate(over="ignore"):
+        np.testing.assert_allclose(gauss, np.exp(-np.square(x.astype(np.float64)) / 2), rtol=5e-5, atol=1e-30)
+    return cdf
 
 
 def test_float32_cdf_is_within_3e_7_of_the_exact_value():
