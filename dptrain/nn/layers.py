@@ -392,7 +392,7 @@ class GELU(Layer):
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
         y = self.workspace_like("y", x)  # scratch for the CDF, then the output
         gauss = self.workspace_like("gauss", x)  # exp(-x^2 / 2), for backward
-        cdf = normal_cdf(x, self.workspace_like("cdf", x), gauss, y, self.workspace_like("scratch", x))
+        cdf = normal_cdf(x, self.workspace_like("cdf", x), gauss, y)
         self._x, self._cdf, self._gauss = x, cdf, gauss
         return np.multiply(x, cdf, out=y)
 

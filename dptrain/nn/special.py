@@ -7,7 +7,7 @@ error function (absolute error below 1.5e-7 for every z >= 0), with z = |x| / sq
 
     erfc(z) = t * (a1 + t * (a2 + t * (a3 + t * (a4 + t * a5)))) * exp(-z^2),   t = 1 / (1 + p z)
 
-then Phi(x) = erfc(z) / 2 for x < 0 and 1 - erfc(z) / 2 otherwise: about 20 elementwise passes, 0.9 ms
+then Phi(x) = 1/2 + sign(x) (1/2 - erfc(z) / 2): about 18 elementwise passes, 0.9 ms
 for the same array, within 3e-7 of the exact value everywhere (a few float32 ulps of 1; torch's float32
 GELU, 0.5 x (1 + erf(x / sqrt(2))), is as close in absolute terms).
 """
@@ -24,11 +24,10 @@ _P = 0.3275911
 _A = (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592)
 
 
-def normal_cdf(x: np.ndarray, out: np.ndarray, gauss: np.ndarray, scratch: np.ndarray,
-               scratch2: np.ndarray) -> np.ndarray:
+def normal_cdf(x: np.ndarray, out: np.ndarray, gauss: np.ndarray, scratch: np.ndarray) -> np.ndarray:
     """Phi(x) = (1 + erf(x / sqrt(2))) / 2 into ``out``, and exp(-x^2 / 2) into ``gauss`` (the normal
-    density times sqrt(2 pi), which GELU's backward needs); ``scratch`` and ``scratch2`` are two more
-    arrays of x's shape and dtype. float64: SciPy's erf (exact to rounding); float32: the formula above, with no allocation."""
+    density times sqrt(2 pi), which GELU's backward needs); ``scratch`` is one more array of x's shape
+    and dtype. float64: SciPy's erf (exact to rounding); float32: the formula above, with no allocation."""
     if x.dtype != np.float32:
         from scipy.special import erf  # here, not at the top: scipy.special takes 0.2 s to import
 
@@ -53,10 +52,9 @@ def normal_cdf(x: np.ndarray, out: np.ndarray, gauss: np.ndarray, scratch: np.nd
     e *= f(-0.5)
     np.exp(e, out=e)  # exp(-z^2) = exp(-x^2 / 2)
     h *= e  # h = Phi(-|x|)
-    # Phi(x) = h for x < 0, 1 - h otherwise: h + [x >= 0] (1 - 2h), with no mask array (a NaN stays NaN)
-    step = np.greater_equal(x, 0, out=scratch, casting="unsafe")
-    flip = np.multiply(h, f(-2), out=scratch2)
-    flip += 1
-    flip *= step
-    h += flip
+    # Phi(x) = 1/2 + sign(x) (1/2 - h): 3 passes and no mask (a NaN stays NaN); a tail value below
+    # float32's ulp of 1/2 (3e-8) rounds to 0, within the formula's own error
+    np.subtract(f(0.5), h, out=h)
+    np.copysign(h, x, out=h)
+    h += f(0.5)
     return h
