@@ -17,9 +17,19 @@ from dptrain.nn import Loss, Sequential
 from dptrain.parallel.comm import SingleProcessComm
 from dptrain.parallel.sampler import shard
 
-#: samples per forward pass in evaluation: the layers' workspaces grow with it (the digits CNN holds
-#: about 115 KB per sample: 116 MB at 1024, against 13 MB for a training batch of 64)
+#: samples per forward pass in evaluation, at most: the layers' workspaces grow with it (the digits CNN
+#: holds about 115 KB per sample: 116 MB at 1024, against 13 MB for a training batch of 64) ...
 EVAL_CHUNK = 1024
+#: ... and at most this many values in the widest activation between the model's layers: a sample of
+#: text (64 positions x 128 features, 512 inside the MLPs) takes 128 per pass, not 1024 (which held
+#: 1 GB of workspaces, paid for in page faults at the first evaluation)
+EVAL_VALUES = 2**20
+
+
+def eval_chunk(model: Sequential) -> int:
+    """Samples per forward pass when evaluating ``model``: EVAL_CHUNK, fewer for big samples."""
+    widest = max(math.prod(shape) for shape in model.shapes)
+    return max(1, min(EVAL_CHUNK, EVAL_VALUES // max(widest, 1)))
 
 #: The one table of validation metrics: the keys that :func:`evaluate` reports for each loss task,
 #: as the trainer names them ("val_" + key; "n_samples" aside), ...
@@ -62,8 +72,9 @@ def evaluate(model: Sequential, loss: Loss, dataset: Dataset, comm=None) -> dict
         # sum((y - c)**2) - sum(y - c)**2 / N accurate when the mean of y is large against its spread
         c = dataset.take(np.arange(min(len(dataset), 1)))[1].astype(np.float64).reshape(-1, k)
         c = c[0] if len(c) else np.zeros(k)
-    for start in range(0, len(mine), EVAL_CHUNK):
-        idx = mine[start : start + EVAL_CHUNK]
+    chunk = eval_chunk(model)
+    for start in range(0, len(mine), chunk):
+        idx = mine[start : start + chunk]
         x, y = dataset.take(idx)
         z = model.forward(x, train=False)
         sums[0] += loss.value(z, y)

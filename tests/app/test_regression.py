@@ -207,3 +207,13 @@ def test_eval_on_two_ranks_matches_one_process(tmp_path):
     assert a["n_samples"] == b["n_samples"] == 88
     for key in ("loss", "rmse", "r2"):
         assert b[key] == pytest.approx(a[key], rel=1e-12), key
+
+
+def test_evaluation_passes_hold_at_most_eval_values_of_the_widest_activation():
+    from dptrain.nn import Dense, Embedding, Sequential
+    from dptrain.training.evaluation import EVAL_VALUES, eval_chunk
+
+    assert eval_chunk(Sequential([Dense(10)], 64, dtype=np.float32)) == EVAL_CHUNK
+    text = Sequential([Embedding(128, vocab=74), Dense(74)], (64,), dtype=np.float32)
+    assert eval_chunk(text) == EVAL_VALUES // (64 * 128) < EVAL_CHUNK
+    assert eval_chunk(Sequential([Dense(EVAL_VALUES * 2)], 1, dtype=np.float32)) == 1
