@@ -284,8 +284,9 @@ class Trainer:
             self._log(report_line(metrics, self.total_steps) if self.eval_every_steps else epoch_line(metrics, self.epochs))
             if metrics.get("early_stop"):
                 e, unit = self.early_stopping, "step" if self.eval_every_steps else "epoch"
+                counted = "evaluation" if self.eval_every_steps else "epoch"
                 self._log(f"early stopping after {unit} {count}: {e.metric} has not improved for {e.patience} "
-                          f"evaluation{'s' if e.patience > 1 else ''} (best {e.best:.4f} at {unit} {e.best_epoch})")
+                          f"{counted}{'s' if e.patience > 1 else ''} (best {e.best:.4f} at {unit} {e.best_epoch})")
         self._dispatch("on_epoch_end", epoch, metrics)
         return metrics
 

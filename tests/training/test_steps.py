@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from dptrain import SGD, Callback, CheckpointPolicy, Dense, Sequential, SoftmaxCrossEntropy, Tanh, Trainer
+from dptrain import SGD, Callback, CheckpointPolicy, Dense, EarlyStopping, Sequential, SoftmaxCrossEntropy, Tanh, Trainer
 from dptrain.cli import main
 from dptrain.data import evaluation_rows, make_synthetic
 from dptrain.storage.checkpoint import load_checkpoint
@@ -109,3 +109,13 @@ def test_negative_counts_are_refused_naming_the_key(tmp_path, key, value):
     result = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "x"), "--set", f"{key}={value}"])
     assert result.exit_code == 2 and key in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_early_stopping_counts_evaluations_every_k_steps():
+    lines = []
+    trainer = _trainer(steps=200, eval_every_steps=3, early_stopping=EarlyStopping(2, "val_loss", min_delta=10.0))
+    trainer._log = lines.append
+    history = trainer.fit()
+    assert [m["step"] for m in history] == [3, 6, 9] and trainer.stopped_early and trainer.step == 9
+    assert lines[-1] == ("early stopping after step 9: val_loss has not improved for 2 evaluations "
+                         f"(best {history[0]['val_loss']:.4f} at step 3)")
