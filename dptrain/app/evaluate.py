@@ -10,12 +10,14 @@ from dptrain.storage.checkpoint import load_checkpoint, restore_model
 from dptrain.training.evaluation import evaluate
 
 from .build import build_loss, build_model, load_dataset, train_val_split
-from .predict import checkpoint_config, evaluation_inputs
+from .predict import checkpoint_config, evaluation_inputs, print_warning, warn_on_rank0
 
 
 def evaluate_checkpoint(comm, checkpoint_path, data_path=None, debug: bool = False) -> dict[str, Any]:
-    """Exact distributed evaluation (collective): loss, accuracy or rmse/r2, n_samples, checkpoint, step."""
-    ckpt, model, loss, dataset = agreed(comm, debug, lambda: evaluation_setup(checkpoint_path, data_path))
+    """Exact distributed evaluation (collective): loss, accuracy or rmse/r2, n_samples, checkpoint, step.
+    A run folder: its newest valid checkpoint, each damaged newer one named on stderr (by rank 0)."""
+    warn = warn_on_rank0(comm.rank)
+    ckpt, model, loss, dataset = agreed(comm, debug, lambda: evaluation_setup(checkpoint_path, data_path, warn))
     result = evaluate(model, loss, dataset, comm)
     result.update(checkpoint=str(ckpt.path), step=ckpt.meta.get("step"))
     if data_path is not None:
@@ -23,10 +25,10 @@ def evaluate_checkpoint(comm, checkpoint_path, data_path=None, debug: bool = Fal
     return result
 
 
-def evaluation_setup(checkpoint_path, data_path):
+def evaluation_setup(checkpoint_path, data_path, warn=print_warning):
     """(checkpoint, model with its weights, loss, data) to evaluate: every row of ``data_path``, or
     (None) the validation split of the checkpoint's config."""
-    ckpt = load_checkpoint(checkpoint_path, optimizer=False)
+    ckpt = load_checkpoint(checkpoint_path, optimizer=False, warn=warn)
     if data_path is not None:  # the model from the checkpoint alone; the config's data is not needed
         return ckpt, *evaluation_inputs(ckpt, data_path)
     config = checkpoint_config(ckpt)

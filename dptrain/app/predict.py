@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,16 @@ from .build import build_loss, build_model
 PREDICT_CHUNK = 1024  # rows per forward pass; also the unit in which rows are shared out to the ranks
 FLOAT_FORMAT = "%.8g"  # probabilities and predicted values: 8 significant digits
 _PARAM_NAME = re.compile(r"^layers\.(\d+)\.(\w+)$")
+
+
+def print_warning(line: str) -> None:
+    """A warning line on stderr (damaged checkpoints skipped, for example)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def warn_on_rank0(rank: int):
+    """:func:`print_warning` on rank 0, nothing elsewhere: every rank checks, one reports."""
+    return print_warning if rank == 0 else (lambda line: None)
 
 
 def checkpoint_config(ckpt: Checkpoint) -> Config:
@@ -259,7 +270,7 @@ def evaluation_inputs(ckpt: Checkpoint, data_path: str | Path) -> tuple[Sequenti
 
 def prediction_setup(rank: int, checkpoint_path, input_path, output_path, overwrite: bool):
     """(checkpoint, its config, its model, the checked input rows, the output file on rank 0 or None)."""
-    ckpt = load_checkpoint(checkpoint_path, optimizer=False)
+    ckpt = load_checkpoint(checkpoint_path, optimizer=False, warn=warn_on_rank0(rank))
     config, model = model_from_checkpoint(ckpt)
     x = read_features(input_path, model.in_features, model.dtype, getattr(config.data, "target", ""))
     output = check_output_path(output_path, overwrite, input_path) if rank == 0 else None

@@ -21,7 +21,7 @@ from dptrain.errors import UserError
 from dptrain.nn import Sequential
 from dptrain.storage.checkpoint import load_checkpoint
 
-from .predict import model_from_checkpoint
+from .predict import model_from_checkpoint, print_warning
 
 
 def generate(model: Sequential, vocab: str, prompt: str, tokens: int, temperature: float = 1.0,
@@ -48,7 +48,7 @@ def generate(model: Sequential, vocab: str, prompt: str, tokens: int, temperatur
 def sample_text(checkpoint_path: str, prompt: str, tokens: int, temperature: float, seed: int) -> str:
     """The prompt and ``tokens`` generated characters, from the character model of a checkpoint;
     UserError for a checkpoint not trained on text, or a prompt it cannot read."""
-    ckpt = load_checkpoint(checkpoint_path, optimizer=False)
+    ckpt = load_checkpoint(checkpoint_path, optimizer=False, warn=print_warning)
     vocab = ckpt.meta.get("vocab")
     if not isinstance(vocab, str) or not vocab:
         raise UserError(f"checkpoint {ckpt.path}: not a character model (trained with data.name = \"text\"): "

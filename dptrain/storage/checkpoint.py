@@ -10,6 +10,12 @@ Layout of a run folder::
 A checkpoint is written into a hidden temporary folder, every file fsync'ed, then renamed to
 its real name, so a crash never leaves a half-written checkpoint under a real name. Nothing is
 pickled; arrays load with ``allow_pickle=False``.
+
+Nothing in a checkpoint is used unchecked: meta.json records the SHA-256 of each array file and of
+its own contents (``meta_sha256``, over the canonical JSON of the other keys), and the values that
+must agree with each other (the step and the folder's name, the epoch and the step within it, the
+updates applied) are checked on load. A checkpoint asked for by name is refused by name; asked for
+by its run folder, the newest valid one is taken and each damaged one skipped with a warning.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import os
 import re
 import shutil
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +36,7 @@ import numpy as np
 from dptrain.errors import UserError
 from dptrain.nn.model import describe_mismatch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta.json carries meta_sha256 (version 1 checkpoints load without that check)
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _ARRAY_FILES = ("model.npz", "optimizer.npz")
 
@@ -58,6 +65,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def meta_checksum(meta: dict[str, Any]) -> str:
+    """SHA-256 of ``meta`` without its ``meta_sha256`` key, as canonical JSON (sorted keys, the
+    indentation meta.json is written with): the same value for the same contents, however the file
+    is laid out."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, indent=2, sort_keys=True).encode()).hexdigest()
+
+
 def step_dirs(checkpoint_root: Path) -> list[Path]:
     """Complete checkpoint folders under ``checkpoint_root``, oldest first."""
     if not checkpoint_root.is_dir():
@@ -83,6 +98,7 @@ def save_checkpoint(checkpoint_root: str | Path, step: int, model: dict[str, np.
             os.fsync(fh.fileno())
     meta = dict(meta, format_version=FORMAT_VERSION, step=step,
                 files={name: _sha256(tmp / name) for name in _ARRAY_FILES})
+    meta["meta_sha256"] = meta_checksum(meta)
     with open(tmp / "meta.json", "w") as fh:
         json.dump(meta, fh, indent=2, sort_keys=True)
         fh.write("\n")
@@ -111,7 +127,7 @@ def save_checkpoint(checkpoint_root: str | Path, step: int, model: dict[str, np.
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
-    """Accept a checkpoint folder, a run's ``checkpoints`` folder, or a run folder."""
+    """Accept a checkpoint folder, a run's ``checkpoints`` folder, or a run folder (their ``latest``)."""
     p = Path(path)
     for candidate in (p, p / "latest", p / "checkpoints" / "latest"):
         if (candidate / "meta.json").is_file():
@@ -122,6 +138,16 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
                     f"a checkpoints folder or a run folder)")
 
 
+def _checkpoint_root(path: Path) -> Path | None:
+    """The ``checkpoints`` folder when ``path`` is a run folder or a checkpoints folder; None when it
+    is a checkpoint itself (or nothing)."""
+    if (path / "meta.json").exists() or path.name == "latest":
+        return None
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints"
+    return path if step_dirs(path) or (path / "latest").is_symlink() else None
+
+
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as archive:  # fh: closed even if np.load fails
@@ -130,20 +156,23 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
         raise UserError(f"checkpoint file {path}: cannot be read ({exc})") from None
 
 
-def load_checkpoint(path: str | Path, optimizer: bool = True) -> Checkpoint:
-    """Load and verify a checkpoint: every file must match the SHA-256 recorded in meta.json.
+def load_checkpoint(path: str | Path, optimizer: bool = True, warn: Callable[[str], None] | None = None) -> Checkpoint:
+    """Load and verify a checkpoint: every file must match the SHA-256 recorded in meta.json, meta.json
+    its own, and its values must agree with each other; UserError naming the file otherwise.
 
+    ``path`` a run folder or a checkpoints folder: the newest valid checkpoint in it, each newer damaged
+    one skipped with a line to ``warn`` (when given; without it, the newest must be valid).
     ``optimizer=False`` (to predict or evaluate): optimizer.npz is neither hashed nor loaded, and
     the checkpoint's ``optimizer`` is empty; resuming needs the full load.
     """
+    root = _checkpoint_root(Path(path)) if warn is not None else None
+    if root is not None:
+        ckpt = newest_valid_checkpoint(root, warn, optimizer)
+        if ckpt is None:
+            raise UserError(f"checkpoint {path}: no valid checkpoint in {root}")
+        return ckpt
     ckpt = resolve_checkpoint_path(path)
-    meta_path = ckpt / "meta.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"checkpoint file {meta_path}: cannot be read as JSON ({exc})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
-        raise UserError(f"checkpoint file {meta_path}: no 'files' table of checksums")
+    meta = _read_meta(ckpt)
     names = _ARRAY_FILES if optimizer else ("model.npz",)
     for name in names:
         file = ckpt / name
@@ -154,6 +183,72 @@ def load_checkpoint(path: str | Path, optimizer: bool = True) -> Checkpoint:
             raise UserError(f"checkpoint file {file}: SHA-256 does not match meta.json (truncated or modified)")
     return Checkpoint(ckpt, _load_npz(ckpt / "model.npz"), _load_npz(ckpt / "optimizer.npz") if optimizer else {},
                       meta)
+
+
+def newest_valid_checkpoint(checkpoint_root: Path, warn: Callable[[str], None], optimizer: bool = True) -> Checkpoint | None:
+    """The newest checkpoint under ``checkpoint_root`` that loads and verifies; each newer one that does
+    not is reported to ``warn`` and skipped. None if there is none."""
+    for candidate in reversed(step_dirs(checkpoint_root)):
+        try:
+            return load_checkpoint(candidate, optimizer)
+        except UserError as exc:
+            warn(f"warning: skipping damaged checkpoint {candidate}: {exc}")
+    return None
+
+
+def _read_meta(ckpt: Path) -> dict[str, Any]:
+    """meta.json of the checkpoint folder ``ckpt``, verified against its checksum and checked for values
+    that disagree; UserError naming the file."""
+    meta_path = ckpt / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"checkpoint file {meta_path}: cannot be read as JSON ({exc})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
+        raise UserError(f"checkpoint file {meta_path}: no 'files' table of checksums")
+    version = meta.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UserError(f"checkpoint file {meta_path}: format_version {version!r} is not one this dptrain reads "
+                        f"(1..{FORMAT_VERSION})")
+    if version >= 2 and meta.get("meta_sha256") != meta_checksum(meta):
+        raise UserError(f"checkpoint file {meta_path}: its checksum (meta_sha256) does not match its contents "
+                        f"(edited or damaged)")
+    problem = _disagreement(meta, ckpt.name)
+    if problem:
+        raise UserError(f"checkpoint file {meta_path}: {problem}")
+    return meta
+
+
+def _disagreement(meta: dict[str, Any], folder: str) -> str | None:
+    """What in a checkpoint's meta cannot be true (a step that is not its folder's, more updates than
+    steps, a step within the epoch that no epoch length gives), or None."""
+    def integer(key: str, default: int | None = None) -> int | None:
+        value = meta.get(key, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UserError(f"{key} must be an integer >= 0, got {value!r}")
+        return value
+
+    try:
+        step, epoch, in_epoch = integer("step"), integer("epoch", 0), integer("step_in_epoch")
+        skipped, updates, report = integer("skipped_steps", 0), integer("optimizer_steps"), integer("report_step")
+    except UserError as exc:
+        return str(exc)
+    if step is None:
+        return "no step"
+    match = _STEP_DIR.match(folder)
+    if match and int(match.group(1)) != step:
+        return f"step {step} but its folder is {folder}"
+    if updates is not None and updates != step - skipped:
+        return f"optimizer_steps {updates} is not step {step} - skipped_steps {skipped}"
+    if in_epoch is not None:
+        done = step - in_epoch  # the steps of the epochs completed
+        if done < 0 or (epoch == 0 and done != 0) or (epoch > 0 and (done % epoch or in_epoch >= done // epoch)):
+            return f"step {step}, epoch {epoch} and step_in_epoch {in_epoch} do not fit any epoch length"
+    if report is not None and report > step:
+        return f"report_step {report} is after step {step}"
+    return None
 
 
 def clean_stale_temporaries(checkpoint_root: Path) -> list[Path]:

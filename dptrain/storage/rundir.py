@@ -12,7 +12,14 @@ from pathlib import Path
 from dptrain.errors import UserError
 
 from .atomic import write_atomically
-from .checkpoint import Checkpoint, check_compatible, clean_stale_temporaries, load_checkpoint, step_dirs
+from .checkpoint import (
+    Checkpoint,
+    check_compatible,
+    clean_stale_temporaries,
+    load_checkpoint,
+    newest_valid_checkpoint,
+    step_dirs,
+)
 
 
 def default_out_dir(base: Path = Path("runs")) -> Path:
@@ -51,12 +58,8 @@ def find_checkpoint(resume: str, out_dir: Path, model, info: Callable[[str], Non
 
     if resume != "auto":
         return compatible(load_checkpoint(resume))
-    for candidate in reversed(step_dirs(out_dir / "checkpoints")):
-        try:
-            ckpt = load_checkpoint(candidate)
-        except UserError as exc:
-            warn(f"warning: skipping damaged checkpoint {candidate}: {exc}")
-            continue
+    ckpt = newest_valid_checkpoint(out_dir / "checkpoints", warn)
+    if ckpt is not None:
         return compatible(ckpt)
     info(f"no checkpoint in {out_dir / 'checkpoints'}: starting fresh")
     return None

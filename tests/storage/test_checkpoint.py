@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dptrain.errors import UserError
-from dptrain.storage.checkpoint import load_checkpoint, save_checkpoint, step_dirs
+from dptrain.storage.checkpoint import load_checkpoint, meta_checksum, save_checkpoint, step_dirs
 
 from helpers import load_arrays
 
@@ -90,6 +90,7 @@ def test_pickled_array_is_refused(tmp_path):
     import hashlib
 
     meta["files"]["model.npz"] = hashlib.sha256((path / "model.npz").read_bytes()).hexdigest()
+    meta["meta_sha256"] = meta_checksum(meta)  # every checksum matches: only the pickle is wrong
     (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="model.npz"):
         load_checkpoint(path)

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from dptrain import CheckpointPolicy, Trainer, load_config
 from dptrain.app.build import build_loss, build_model, build_optimizer, load_dataset, train_val_split
 from dptrain.cli import main
-from dptrain.storage.checkpoint import load_checkpoint, step_dirs
+from dptrain.storage.checkpoint import load_checkpoint, meta_checksum, step_dirs
 
 from helpers import assert_arrays_close, dptrain, load_arrays, needs_mpiexec
 
@@ -126,6 +126,7 @@ def test_explicit_damaged_checkpoint_is_an_error_naming_the_file(tmp_path):
     meta = out / "checkpoints" / "latest" / "meta.json"
     edited = json.loads(meta.read_text())
     edited["files"]["optimizer.npz"] = "0" * 64
+    edited["meta_sha256"] = meta_checksum(edited)  # meta.json itself consistent: the array file is named
     meta.write_text(json.dumps(edited))
     result = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "new"), "--resume", str(out / "checkpoints" / "latest")])
     assert result.exit_code == 2
