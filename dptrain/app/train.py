@@ -51,13 +51,6 @@ def run_training(comm, request: TrainRequest, stop_signals, echo: Callable[..., 
     train_set, val_set, model = parts.train_set, parts.val_set, parts.model
     out_dir = Path(comm.broadcast_text(str(out_dir) if comm.rank == 0 else ""))
 
-    if comm.rank == 0:
-        set_up_out_dir(out_dir, r.overwrite, config.to_toml())
-        info(f"dptrain {__version__}: {comm.size} rank{'s' if comm.size > 1 else ''} ({comm.library}), "
-             f"{len(train_set)} training / {len(val_set)} validation samples, {model.n_params:,} parameters, "
-             f"run folder {out_dir}")
-        info("resolved config:\n" + "\n".join("  " + line for line in config.to_toml().strip().splitlines()))
-
     # rank 0 writes metrics.jsonl, metrics.csv and summary.json; prints progress (a bar on a terminal)
     metrics = MetricsLogger(out_dir, every_steps=config.log.every_steps)
     progress = None if r.quiet else ProgressBar(every_steps=config.log.every_steps, echo=echo)
@@ -65,6 +58,15 @@ def run_training(comm, request: TrainRequest, stop_signals, echo: Callable[..., 
     trainer = build_trainer(config, model, parts.loss, parts.optimizer, train_set, val_set, comm, out_dir=out_dir,
                             stop_on_signals=stop_signals, callbacks=callbacks,
                             log=None if r.quiet else progress.write)
+    trainer.check_agreement()  # every rank holds the same config, data and model: only then is anything written
+
+    if comm.rank == 0:
+        set_up_out_dir(out_dir, r.overwrite, config.to_toml())
+        info(f"dptrain {__version__}: {comm.size} rank{'s' if comm.size > 1 else ''} ({comm.library}), "
+             f"{len(train_set)} training / {len(val_set)} validation samples, {model.n_params:,} parameters, "
+             f"run folder {out_dir}")
+        info("resolved config:\n" + "\n".join("  " + line for line in config.to_toml().strip().splitlines()))
+
     if trainer.resume(checkpoint) and comm.rank == 0:
         info(f"resuming from {checkpoint.path} (step {trainer.step}, epoch {trainer.epoch}, "
              f"written by {checkpoint.meta.get('world_size')} rank(s))")
