@@ -95,7 +95,8 @@ def _set_up(comm, r: TrainRequest, info, echo):
     if comm.rank == 0:
         out_dir = choose_out_dir(r.out, r.overwrite, r.resume)
         if r.resume:
-            checkpoint = find_checkpoint(r.resume, out_dir, parts.model, info, lambda line: echo(line, err=True))
+            checkpoint = find_checkpoint(r.resume, out_dir, parts.model, info, lambda line: echo(line, err=True),
+                                         parts.optimizer)
     return config, parts, out_dir, checkpoint
 
 

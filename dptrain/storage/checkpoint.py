@@ -283,11 +283,29 @@ def describe_incompatibility(checkpoint: Checkpoint, names_shapes: dict[str, tup
             + "; ".join(problems))
 
 
-def check_compatible(checkpoint: Checkpoint, model) -> None:
-    """UserError saying what differs if the checkpoint's arrays do not fit ``model`` (a Sequential)."""
+def check_compatible(checkpoint: Checkpoint, model, optimizer=None) -> None:
+    """UserError saying what differs if the checkpoint's arrays do not fit ``model`` (a Sequential), or
+    (when given, and the checkpoint's optimizer state was loaded) its optimizer state ``optimizer``'s."""
     problem = describe_incompatibility(checkpoint, model.state_shapes(), model.dtype)
+    if problem is None and optimizer is not None:
+        problem = _optimizer_mismatch(checkpoint, optimizer)
     if problem:
         raise UserError(problem)
+
+
+def _optimizer_mismatch(checkpoint: Checkpoint, optimizer) -> str | None:
+    """What differs between the checkpoint's optimizer state and ``optimizer``'s (its arrays' names and sizes)."""
+    mine = {name: tuple(np.shape(a)) for name, a in optimizer.state_dict().items()}
+    saved = {name: tuple(np.shape(a)) for name, a in checkpoint.optimizer.items()}
+    if mine == saved:
+        return None
+    name = checkpoint.meta.get("config", {}).get("optim", {}).get("name", "?")
+
+    def listed(state):
+        return ", ".join(f"{k} {list(v)}" for k, v in sorted(state.items())) or "nothing"
+
+    return (f"checkpoint {checkpoint.path} holds the optimizer state of {name} ({listed(saved)}), but the config's "
+            f"optimizer {optimizer.name} keeps {listed(mine)}: resume with the checkpoint's optim.name, or start a new run")
 
 
 def restore_model(checkpoint: Checkpoint, model):

@@ -48,12 +48,13 @@ def choose_out_dir(out: str | None, overwrite: bool, resume: str | None) -> Path
 
 
 def find_checkpoint(resume: str, out_dir: Path, model, info: Callable[[str], None],
-                    warn: Callable[[str], None]) -> Checkpoint | None:
+                    warn: Callable[[str], None], optimizer=None) -> Checkpoint | None:
     """The checkpoint to resume from, verified and matching ``model``: the one at ``resume``, or for
-    "auto" the newest valid one of ``out_dir`` (damaged ones are skipped with a warning), or None."""
+    "auto" the newest valid one of ``out_dir`` (damaged ones are skipped with a warning), or None.
+    UserError if it does not fit ``model`` (or ``optimizer``'s state, when given)."""
 
     def compatible(ckpt: Checkpoint) -> Checkpoint:
-        check_compatible(ckpt, model)
+        check_compatible(ckpt, model, optimizer)
         return ckpt
 
     if resume != "auto":

@@ -209,3 +209,15 @@ def test_elastic_restart_4_to_2_to_3_matches_the_single_process_run(tmp_path):
     expected = load_arrays(tmp_path / "single" / "checkpoints" / "latest" / "model.npz")
     assert_arrays_close(load_arrays(out / "checkpoints" / "latest" / "model.npz"), expected, rtol=1e-9)
     assert_arrays_close(load_arrays(mid / "checkpoints" / "latest" / "model.npz"), expected, rtol=1e-9)
+
+
+@pytest.mark.parametrize("resume", ["auto", "path"])
+def test_resuming_with_another_optimizer_is_refused_naming_it(tmp_path, resume):
+    out = tmp_path / "run"
+    assert CliRunner().invoke(main, ["train", "--out", str(out), "--set", "train.epochs=1"]).exit_code == 0
+    where = ["--out", str(out), "--resume", "auto"] if resume == "auto" else \
+        ["--out", str(tmp_path / "new"), "--resume", str(out / "checkpoints" / "latest")]
+    result = CliRunner().invoke(main, ["train", *where, "--set", "optim.name=adam", "--set", "train.epochs=2"])
+    assert result.exit_code == 2, result.output
+    assert "optimizer" in result.output and "momentum_buffer" in result.output and "exp_avg" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "new").exists()
