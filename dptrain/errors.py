@@ -1,13 +1,15 @@
 """Exceptions the CLI turns into exit statuses.
 
 Exit statuses of ``dptrain train``: 0 done; 1 a crash (a rank's traceback is printed, the job
-aborted); 2 bad input; 3 the run diverged or the ranks went out of sync; 75 stopped by a signal
-after writing a checkpoint: requeue the job with ``--resume auto``.
+aborted); 2 bad input; 3 the run diverged or the ranks went out of sync; 74 the environment failed (a
+full disk, a permission, a file where a folder should be: one line naming the path); 75 stopped by a
+signal after writing a checkpoint: requeue the job with ``--resume auto``.
 """
 
 EXIT_CRASH = 1
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_FAILED = 3
+EXIT_ENVIRONMENT = 74  # EX_IOERR from sysexits.h: an input/output error
 EXIT_REQUEUE = 75  # EX_TEMPFAIL from sysexits.h: "try again later"
 
 
@@ -18,6 +20,15 @@ _LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u
 def one_line(text: str) -> str:
     """A message fit for one line of a log: line breaks in user-given names are escaped."""
     return text.translate(_LINE_BREAKS)
+
+
+def environment_message(exc: OSError) -> str:
+    """One line for an OSError the environment raised: the path(s) and the cause, e.g.
+    "runs/x/config.toml: No space left on device (a failure of the environment: ...)"."""
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    return one_line(f"{paths + ': ' if paths else ''}{cause} (a failure of the environment: disk, permissions or "
+                    f"file system)")
 
 
 class UserError(Exception):

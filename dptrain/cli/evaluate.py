@@ -28,6 +28,7 @@ from .options import CONTEXT, common_options, reports_errors
 def eval_command(checkpoint_path, as_json, data_path=None, comm_kind="auto", debug=False):
     """Evaluate a checkpoint's model on its config's validation split, or on every row of --data."""
     comm = make_comm(comm_kind)
+    comm.debug = debug  # an environment failure under MPI: its traceback, not one line
     with comm.fail_fast():
         result = evaluate_checkpoint(comm, checkpoint_path, data_path, debug)
         if comm.rank == 0:

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from dptrain.errors import ExitQuietly, UserError
+from dptrain.errors import EXIT_ENVIRONMENT, ExitQuietly, UserError, environment_message
 from dptrain.parallel.agreement import agreed
 from dptrain.parallel.comm import make_comm
 
@@ -38,7 +38,8 @@ def config_options(fn):
 
 
 def reports_errors(fn):
-    """Turn UserError into one line on stderr and exit status 2 (the traceback with --debug)."""
+    """Turn UserError into one line on stderr and exit status 2, and an OSError (the environment failing)
+    into one line naming the path and exit status 74 (the traceback with --debug)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -51,6 +52,11 @@ def reports_errors(fn):
             sys.exit(exc.exit_code)
         except ExitQuietly as exc:
             sys.exit(exc.code)
+        except OSError as exc:  # the environment failed: disk full, read-only, permissions, a file for a folder
+            if kwargs.get("debug"):
+                raise
+            click.echo(f"error: {environment_message(exc)}", err=True)
+            sys.exit(EXIT_ENVIRONMENT)
 
     return wrapper
 

@@ -35,6 +35,7 @@ def predict_command(checkpoint_path, input_path, output_path, overwrite, comm_ki
     each rank predicts a share of the rows, rank 0 writes the file, the same at any world size.
     """
     comm = make_comm(comm_kind)
+    comm.debug = debug  # an environment failure under MPI: its traceback, not one line
     with comm.fail_fast():
         ckpt, config, model, x, output = agreed(
             comm, debug, lambda: prediction_setup(comm.rank, checkpoint_path, input_path, output_path, overwrite))

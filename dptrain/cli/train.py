@@ -46,6 +46,7 @@ def train(config_path, overrides, out, overwrite, resume, quiet=False, timeline=
     75 stopped by SIGTERM/SIGUSR1/SIGINT after writing a checkpoint (requeue with --resume auto).
     """
     comm = make_comm(comm_kind)
+    comm.debug = debug  # an environment failure under MPI: its traceback, not one line
     request = TrainRequest(config_path, tuple(overrides), out, overwrite, resume, quiet, timeline, debug)
     with comm.fail_fast(), StopOnSignal() as stop_signals:  # from the start: a signal in set-up stops at step 1
         try:

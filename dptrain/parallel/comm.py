@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from dptrain.errors import CollectiveError, ExitQuietly, UserError
+from dptrain.errors import EXIT_ENVIRONMENT, CollectiveError, ExitQuietly, UserError, environment_message
 from dptrain.runtime import rank_warnings
 
 # Variables that process managers set in every rank they start.
@@ -136,6 +136,8 @@ class MPIComm:
     """MPI.COMM_WORLD through the buffer API."""
 
     is_mpi = True
+    #: show the traceback of an environment failure (an OSError) too, not one line (``--debug``)
+    debug = False
     #: The BLAS/OpenMP threads :func:`make_comm` capped this rank at, or None (not capped).
     thread_limit: int | None = None
 
@@ -230,13 +232,15 @@ class MPIComm:
     def _abort_on_uncaught(self, exc_type, exc, tb) -> None:
         """Print this rank's traceback (one line for a UserError), then MPI_Abort the whole job."""
         if isinstance(exc, UserError):
-            lines = [f"error: {exc}\n"]
+            lines, code = [f"error: {exc}\n"], exc.exit_code
+        elif isinstance(exc, OSError) and not self.debug:  # the environment failed: one line
+            lines, code = [f"error: {environment_message(exc)}\n"], EXIT_ENVIRONMENT
         else:
-            lines = traceback.format_exception(exc_type, exc, tb)
+            lines, code = traceback.format_exception(exc_type, exc, tb), 1
         text = "".join(f"[rank {self.rank}] {line}" for line in "".join(lines).splitlines(True))
         sys.stderr.write(text)
         sys.stderr.write(f"[rank {self.rank}] aborting all {self.size} ranks\n")
-        self.abort(exc.exit_code if isinstance(exc, UserError) else 1)
+        self.abort(code)
 
 
 def _raise_if_any_failed(comm, error: BaseException | None) -> None:

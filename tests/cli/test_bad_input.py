@@ -722,3 +722,22 @@ def test_generated_npz_files_train_or_are_refused_in_one_line(contents, dtype):
         assert line is not None, describe(result)
         assert str(path) in line, line
         assert not out.exists()
+
+
+def test_a_file_where_the_run_folder_should_go_is_one_line_and_exit_74(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    result = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "afile" / "run"), "--set", "train.epochs=1"])
+    assert result.exit_code == 74, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error")]
+    assert lines == [f"error: {tmp_path / 'afile' / 'run'}: Not a directory (a failure of the environment: disk, "
+                     f"permissions or file system)"]
+    assert "Traceback" not in result.output
+
+
+@needs_mpiexec
+def test_a_file_where_the_run_folder_should_go_under_mpi_is_one_line_and_exit_74(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    result = dptrain("train", "--out", str(tmp_path / "afile" / "run"), "--set", "train.epochs=1", ranks=2)
+    assert result.returncode == 74, (result.stdout, result.stderr)
+    assert f"[rank 0] error: {tmp_path / 'afile' / 'run'}: Not a directory" in result.stderr
+    assert "Traceback" not in result.stderr
