@@ -18,6 +18,7 @@ from dptrain._version import __version__
 from dptrain.config import load_config
 from dptrain.errors import EXIT_REQUEUE, ExitQuietly
 from dptrain.parallel.agreement import agreed
+from dptrain.storage.lock import RunLock
 from dptrain.storage.rundir import choose_out_dir, find_checkpoint, set_up_out_dir
 from dptrain.training.callbacks import MetricsLogger, ProgressBar, Timeline
 from dptrain.training.callbacks.metrics import summary_line
@@ -59,12 +60,23 @@ def run_training(comm, request: TrainRequest, stop_signals, echo: Callable[..., 
                             stop_on_signals=stop_signals, callbacks=callbacks,
                             log=None if r.quiet else progress.write)
     trainer.check_agreement()  # every rank holds the same config, data and model: only then is anything written
+    # one job per run folder: rank 0 takes its lock (a live holder: exit 2 on every rank, nothing written)
+    lock = RunLock(out_dir)
+    agreed(comm, r.debug, lambda: lock.acquire(lambda line: echo(line, err=True)) if comm.rank == 0 else None)
+    try:
+        _train(comm, r, config, trainer, checkpoint, metrics, out_dir, info, echo)
+    finally:
+        lock.release()
 
+
+def _train(comm, r: TrainRequest, config, trainer, checkpoint, metrics, out_dir: Path, info, echo) -> None:
+    """Set up the run folder (rank 0), resume, fit and report."""
+    model, train_set, val_set = trainer.model, trainer.train_data, trainer.val_data
     if comm.rank == 0:
         set_up_out_dir(out_dir, r.overwrite, config.to_toml())
         info(f"dptrain {__version__}: {comm.size} rank{'s' if comm.size > 1 else ''} ({comm.library}), "
-             f"{len(train_set)} training / {len(val_set)} validation samples, {model.n_params:,} parameters, "
-             f"run folder {out_dir}")
+             f"{len(train_set)} training / {len(val_set) if val_set is not None else 0} validation samples, "
+             f"{model.n_params:,} parameters, run folder {out_dir}")
         info("resolved config:\n" + "\n".join("  " + line for line in config.to_toml().strip().splitlines()))
 
     if trainer.resume(checkpoint) and comm.rank == 0:
