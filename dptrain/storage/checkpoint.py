@@ -91,20 +91,11 @@ def save_checkpoint(checkpoint_root: str | Path, step: int, model: dict[str, np.
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    for name, arrays in zip(_ARRAY_FILES, (model, optimizer)):
-        with open(tmp / name, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-    meta = dict(meta, format_version=FORMAT_VERSION, step=step,
-                files={name: _sha256(tmp / name) for name in _ARRAY_FILES})
-    meta["meta_sha256"] = meta_checksum(meta)
-    with open(tmp / "meta.json", "w") as fh:
-        json.dump(meta, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    try:
+        _write_files(tmp, step, model, optimizer, meta)
+    except OSError:  # a full disk, say: no temporary left behind, the earlier checkpoints untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # the same step saved again: swap, so a real name never points at a partial folder
         old = root / f".old-{final.name}-{os.getpid()}"
         os.rename(final, old)
@@ -124,6 +115,32 @@ def save_checkpoint(checkpoint_root: str | Path, step: int, model: dict[str, np.
             os.rename(old, hidden)
             shutil.rmtree(hidden)
     return final
+
+
+def _write_files(tmp: Path, step: int, model: dict[str, np.ndarray], optimizer: dict[str, np.ndarray],
+                 meta: dict[str, Any]) -> None:
+    """The arrays and meta.json of a checkpoint into the folder ``tmp``, each fsync'ed; an OSError names
+    the file it was writing."""
+    current = tmp
+    try:
+        for name, arrays in zip(_ARRAY_FILES, (model, optimizer)):
+            current = tmp / name
+            with open(current, "wb") as fh:
+                np.savez(fh, **arrays)
+                fh.flush()
+                os.fsync(fh.fileno())
+        meta = dict(meta, format_version=FORMAT_VERSION, step=step,
+                    files={name: _sha256(tmp / name) for name in _ARRAY_FILES})
+        meta["meta_sha256"] = meta_checksum(meta)
+        current = tmp / "meta.json"
+        with open(current, "w") as fh:
+            json.dump(meta, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), exc.filename or str(current)) from None
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:

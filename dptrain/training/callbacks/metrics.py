@@ -179,10 +179,12 @@ class MetricsLogger(Callback):
     def _write(self, row: dict[str, Any]) -> None:
         if self._jsonl is None:
             return
-        self._jsonl.write(self._json_line(row))
-        self._csv.write(self._csv_line(self._csv_values(row)))
-        self._jsonl.flush()  # a job killed later keeps every row written so far
-        self._csv.flush()
+        for fh, line in ((self._jsonl, self._json_line(row)), (self._csv, self._csv_line(self._csv_values(row)))):
+            try:
+                fh.write(line)
+                fh.flush()  # a job killed later keeps every row written so far
+            except OSError as exc:  # a full disk, say: name the file
+                raise OSError(exc.errno, exc.strerror or str(exc), exc.filename or fh.name) from None
 
     def _close(self) -> None:
         for fh in (self._jsonl, self._csv):
