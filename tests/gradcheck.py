@@ -54,3 +54,25 @@ def check_gradients(model, x: np.ndarray, r: np.ndarray) -> None:
     assert rel_error(dx, numeric_grad(objective, x)) < TOL
     if model.n_params:
         assert rel_error(analytic, numeric_grad(objective, model.param_buffer)) < TOL
+
+
+def check_parameter_gradients_without_input_grad(model, x: np.ndarray, r: np.ndarray) -> None:
+    """``backward(r, input_grad=False)`` returns None and writes every parameter gradient exactly as the
+    full backward does (over a buffer filled with 7s first, so nothing is left unwritten)."""
+    model.forward(x)
+    model.backward(r)
+    full = model.grad_buffer.copy()
+    model.grad_buffer[...] = 7.0
+    model.forward(x)
+    assert model.backward(r, input_grad=False) is None
+    np.testing.assert_array_equal(model.grad_buffer, full)
+
+
+def model_with_random_biases(layer, in_shape, rng: np.random.Generator, dtype=np.float64):
+    """(layer, a Sequential of it alone) initialised from ``rng``, its bias random (init gives zeros)."""
+    from dptrain.nn import Sequential
+
+    model = Sequential([layer], in_shape, dtype=dtype)
+    model.init_params(rng)
+    layer.params["bias"][...] = rng.standard_normal(layer.params["bias"].shape)
+    return layer, model
