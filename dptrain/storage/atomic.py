@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +39,18 @@ def write_atomically(path: str | Path, write: Callable[[object], None], mode: st
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # named by the file asked for, not by the temporary
+        _remove(tmp)
+        if exc.filename in (str(tmp), tmp):
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+        raise
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
     return path
+
+
+def _remove(tmp: Path) -> None:
+    """Remove a temporary if it is there (a read-only file system refuses even to look: nothing to do)."""
+    with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
