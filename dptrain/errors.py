@@ -3,7 +3,9 @@
 Exit statuses of ``dptrain train``: 0 done; 1 a crash (a rank's traceback is printed, the job
 aborted); 2 bad input; 3 the run diverged or the ranks went out of sync; 74 the environment failed (a
 full disk, a permission, a file where a folder should be: one line naming the path); 75 stopped by a
-signal after writing a checkpoint: requeue the job with ``--resume auto``.
+signal after writing a checkpoint: requeue the job with ``--resume auto``; 124 a rank waited in a
+collective longer than ``comm.timeout_s`` (or a stop signal was not honoured within it): the watchdog
+named the ranks that did not arrive and ended the job.
 """
 
 EXIT_CRASH = 1
@@ -11,6 +13,7 @@ EXIT_BAD_INPUT = 2
 EXIT_TRAINING_FAILED = 3
 EXIT_ENVIRONMENT = 74  # EX_IOERR from sysexits.h: an input/output error
 EXIT_REQUEUE = 75  # EX_TEMPFAIL from sysexits.h: "try again later"
+EXIT_TIMEOUT = 124  # as timeout(1): the watchdog ended a job that stopped making progress
 
 
 # Every character str.splitlines() breaks at, escaped as Python would write it.
@@ -66,7 +69,14 @@ class DivergenceError(CollectiveError):
 
 
 class DesyncError(CollectiveError):
-    """The ranks' parameters differ."""
+    """The ranks' parameters differ, or the ranks made different collective calls.
+
+    ``details``: every rank's last collectives (the flight recorder), a few lines to print before the error.
+    """
+
+    def __init__(self, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.details = details
 
 
 class MismatchError(CollectiveError):

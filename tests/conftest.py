@@ -1,4 +1,4 @@
-"""Shared test set-up: the `mpi` mark, and the helpers module (tests/helpers.py) on the import path.
+"""Shared test set-up: the `mpi` mark, the helpers module (tests/helpers.py) on the import path, the `jobs` fixture.
 
     pytest                 # everything (the README's test command)
     pytest -m "not mpi"    # the fast loop: no test that starts mpiexec
@@ -6,7 +6,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from background import Jobs
 
 import helpers
 
@@ -21,3 +24,11 @@ def _mpi_mark_checked(request):
     helpers.current_test_is_mpi = request.node.get_closest_marker("mpi") is not None
     yield
     helpers.current_test_is_mpi = True
+
+
+@pytest.fixture
+def jobs(tmp_path: Path):
+    """Start jobs in the background (``jobs.start``); whatever is left of them is killed at teardown."""
+    registry = Jobs(tmp_path)
+    yield registry
+    registry.cleanup()

@@ -49,6 +49,7 @@ def run_training(comm, request: TrainRequest, stop_signals, echo: Callable[..., 
     r = request
     info = (lambda line: None) if r.quiet else echo  # what --quiet leaves out
     config, parts, out_dir, checkpoint = agreed(comm, r.debug, lambda: _set_up(comm, r, info, echo))
+    comm.watchdog.timeout_s = config.comm.timeout_s
     train_set, val_set, model = parts.train_set, parts.val_set, parts.model
     out_dir = Path(comm.broadcast_text(str(out_dir) if comm.rank == 0 else ""))
 
@@ -67,6 +68,8 @@ def run_training(comm, request: TrainRequest, stop_signals, echo: Callable[..., 
         _train(comm, r, config, trainer, checkpoint, metrics, out_dir, info, echo)
     finally:
         lock.release()
+        if trainer.stopped:  # this process ends now (exit 75): a late repeat of the signal must not kill it
+            stop_signals.keep_ignoring()
 
 
 def _train(comm, r: TrainRequest, config, trainer, checkpoint, metrics, out_dir: Path, info, echo) -> None:

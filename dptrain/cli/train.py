@@ -43,20 +43,26 @@ def train(config_path, overrides, out, overwrite, resume, quiet=False, timeline=
     """Train a model, on one process or on every rank of an MPI job.
 
     Exit status: 0 done; 1 crashed; 2 bad input; 3 diverged (NaN/inf) or ranks out of sync;
-    75 stopped by SIGTERM/SIGUSR1/SIGINT after writing a checkpoint (requeue with --resume auto).
+    74 the environment failed (disk, permissions); 75 stopped by SIGTERM/SIGUSR1/SIGINT after writing a
+    checkpoint (requeue with --resume auto); 124 a rank stopped making progress (comm.timeout_s).
     """
-    comm = make_comm(comm_kind)
-    comm.debug = debug  # an environment failure under MPI: its traceback, not one line
-    request = TrainRequest(config_path, tuple(overrides), out, overwrite, resume, quiet, timeline, debug)
-    with comm.fail_fast(), StopOnSignal() as stop_signals:  # from the start: a signal in set-up stops at step 1
-        try:
-            run_training(comm, request, stop_signals, echo=click.echo)
-        except CollectiveError as exc:  # raised by every rank at the same step
-            if debug:
-                raise
-            if comm.rank == 0:
-                click.echo(f"error: {exc}", err=True)
-            raise ExitQuietly(exc.exit_code) from None
+    # from the start: a signal in set-up stops after step 1; repeats, even after the stop, are ignored
+    with StopOnSignal() as stop_signals:
+        comm = make_comm(comm_kind)
+        comm.debug = debug  # an environment failure under MPI: its traceback, not one line
+        comm.watchdog.watch_stop(stop_signals)  # a stop that cannot come ends the job after comm.timeout_s
+        request = TrainRequest(config_path, tuple(overrides), out, overwrite, resume, quiet, timeline, debug)
+        with comm.fail_fast():
+            try:
+                run_training(comm, request, stop_signals, echo=click.echo)
+            except CollectiveError as exc:  # raised by every rank at the same step
+                if debug:
+                    raise
+                if comm.rank == 0:
+                    if getattr(exc, "details", ""):  # a DesyncError: every rank's last collectives
+                        click.echo(exc.details, err=True)
+                    click.echo(f"error: {exc}", err=True)
+                raise ExitQuietly(exc.exit_code) from None
 
 
 def check_train_args(train_args) -> dict:

@@ -118,6 +118,7 @@ class CommConfig:
 
     bucket_mb: float = 4.0  # gradient buckets exchanged while backward goes on; 0 = one exchange after backward
     compression: str = "none"  # none | fp16 (half the bytes; sums accumulate in the training dtype)
+    timeout_s: float = 600.0  # a wait in a collective (or for a stop) longer than this ends the job, exit 124; 0 = never
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,8 @@ def validate(config: Config, where: str = "config") -> None:
     if not (config.comm.bucket_mb >= 0 and math.isfinite(config.comm.bucket_mb)):
         fail("comm.bucket_mb", f"must be >= 0, got {config.comm.bucket_mb}")
     choose("comm.compression", config.comm.compression, COMPRESSIONS)
+    if not (config.comm.timeout_s >= 0 and math.isfinite(config.comm.timeout_s)):
+        fail("comm.timeout_s", f"must be >= 0 seconds (0 = no bound), got {config.comm.timeout_s}")
     if c.every_steps < 0:
         fail("checkpoint.every_steps", f"must be >= 0, got {c.every_steps}")
     if c.every_epochs < 0:

@@ -12,6 +12,8 @@ import numpy as np
 
 from dptrain.errors import DesyncError, MismatchError, UserError
 
+from .flight import RECORD_FIELDS, lines_from_array
+
 FINGERPRINT_ROWS = 4096  # rows of each dataset hashed in the pre-flight agreement check
 
 
@@ -55,13 +57,29 @@ def check_agreement(comm, config: dict, train_data, val_data, model) -> None:
 
 
 def check_sync(comm, model, step: int) -> None:
-    """Compare a checksum of every rank's parameters and buffers; DesyncError names the ranks that differ."""
+    """Compare a checksum of every rank's parameters and buffers, and of the sequence of collectives
+    each made so far (operations and sizes, from its flight recorder): DesyncError names the ranks
+    that differ, with every rank's last collectives in its ``details``. Collective."""
     crc = zlib.crc32(model.param_buffer.view(np.uint8))
-    mine = np.array([zlib.crc32(model.state_buffer.view(np.uint8), crc)], dtype=np.int64)
-    table = comm.allgather(mine)[:, 0]
-    differ = [r for r in range(comm.size) if table[r] != table[0]]
-    if differ:
-        raise DesyncError(f"parameters out of sync at step {step}: {_ranks(differ)} from rank 0")
+    flight = comm.flight
+    mine = np.array([zlib.crc32(model.state_buffer.view(np.uint8), crc), flight.count, flight.signature],
+                    dtype=np.int64)
+    table = comm.allgather(mine)
+    params_differ = [r for r in range(comm.size) if table[r, 0] != table[0, 0]]
+    calls_differ = [r for r in range(comm.size) if (table[r, 1:] != table[0, 1:]).any()]
+    if not (params_differ or calls_differ):
+        return
+    problems = []
+    if calls_differ:  # a mismatch MPI matched anyway (e.g. a sum against a max): results are garbage
+        problems.append(f"the ranks made different collective calls before step {step}: {_ranks(calls_differ)} "
+                        f"from rank 0 (each rank's last collectives are listed above)")
+    if params_differ:
+        problems.append(f"parameters out of sync at step {step}: {_ranks(params_differ)} from rank 0")
+    recorders = comm.allgather(flight.as_array().reshape(-1)).reshape(comm.size, -1, RECORD_FIELDS)
+    details = "\n".join(f"rank {r} made {table[r, 1]} collectives; the last ones (oldest first):\n"
+                         + "\n".join("  " + line for line in lines_from_array(recorders[r]))
+                         for r in range(comm.size))
+    raise DesyncError("; ".join(problems), details)
 
 
 def _ranks(differ: list[int]) -> str:

@@ -12,9 +12,12 @@ otherwise, unless forced with ``kind="mpi"`` or ``kind="single"`` (or ``DPTRAIN_
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import socket
 import sys
+import time
 import traceback
 from collections.abc import Iterator
 
@@ -22,6 +25,12 @@ import numpy as np
 
 from dptrain.errors import EXIT_ENVIRONMENT, CollectiveError, ExitQuietly, UserError, environment_message
 from dptrain.runtime import rank_warnings
+
+from .flight import Call, FlightRecorder
+from .watchdog import Watchdog
+
+SPIN_S = 1.0  # a collective waits at full speed this long (a step's waits are far shorter), then naps
+NAP_S = 0.01  # between two tests of a long wait: ~0 CPU, and a wait ends at most this much later
 
 # Variables that process managers set in every rank they start.
 _LAUNCHER_VARIABLES = (
@@ -54,17 +63,20 @@ _DONE = _Done()
 
 
 class _Pending:
-    """An MPI request, completed by ``wait()``."""
+    """An MPI request, completed by ``wait()`` (bounded by the watchdog, like every collective)."""
 
-    def __init__(self, request) -> None:
-        self._request = request
+    def __init__(self, comm: MPIComm, request, call: Call) -> None:
+        self._comm, self._request, self._call = comm, request, call
 
     def wait(self) -> None:
-        self._request.Wait()
+        self._comm._complete(self._request, self._call)
 
     def test(self) -> bool:
         """Drive MPI's progress engine (nothing else does without an async progress thread)."""
-        return self._request.Test()
+        done = self._request.Test()
+        if done and self._call.ended is None:
+            self._comm.flight.end(self._call)
+        return done
 
 
 class SingleProcessComm:
@@ -76,6 +88,11 @@ class SingleProcessComm:
     is_mpi = False
     library = "none (single process)"
     thread_limit = None  # a single process keeps the BLAS's default threads
+
+    def __init__(self) -> None:
+        self.peers = [(socket.gethostname(), os.getpid())]
+        self.flight = FlightRecorder()  # records nothing: a single process has no collective to wait in
+        self.watchdog = Watchdog(self)  # bounds a stop signal (Watchdog.watch_stop), started on demand
 
     def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
         """Sum ``buf`` over all ranks, in place; returns buf."""
@@ -152,60 +169,100 @@ class MPIComm:
         self.local_size = node.Get_size()
         node.Free()
         self.library = MPI.Get_library_version().splitlines()[0].strip()
+        self.peers = self._gather_peers()
+        self.flight = FlightRecorder()
+        self.watchdog = Watchdog(self, _SideChannel(self.comm, MPI))
+        self._watched_by_thread = MPI.Query_thread() == MPI.THREAD_MULTIPLE
+        if self._watched_by_thread:
+            self.watchdog.start()
+            atexit.register(self.watchdog.close)  # runs before mpi4py finalises MPI (registered later)
         # A script that uses the API without fail_fast() still must not hang its peers: an exception
         # that reaches the top level aborts the job (what `python -m mpi4py` does, for a console script).
         sys.excepthook = self._abort_on_uncaught
         # A warning every rank meets is shown once per rank, "[rank r] "-prefixed on r > 0: not N times alike.
         rank_warnings.install(self.rank)
 
+    def _gather_peers(self) -> list[tuple[str, int]]:
+        """(host, pid) of every rank, for the watchdog's report: gathered once, while all are alive."""
+        mine = np.zeros(72, dtype=np.uint8)
+        host = socket.gethostname().encode()[:64]
+        mine[: len(host)] = np.frombuffer(host, dtype=np.uint8)
+        mine[64:] = np.array([os.getpid()], dtype=np.int64).view(np.uint8)
+        table = np.empty((self.size, 72), dtype=np.uint8)
+        self.comm.Allgather(mine, table)
+        return [(bytes(row[:64]).rstrip(b"\0").decode(errors="replace"), int(row[64:].view(np.int64)[0]))
+                for row in table]
+
+    def _run(self, op: str, buf: np.ndarray, start) -> None:
+        """Start a non-blocking collective (``start()`` returns its request) and complete it, bounded."""
+        call = self.flight.begin(op, buf.nbytes)
+        self._complete(start(), call)
+
+    def _complete(self, request, call: Call) -> None:
+        """Wait for ``request``: at full speed for SPIN_S, then testing every NAP_S, so a long wait
+        does not burn a core; the watchdog ends the job if it lasts longer than ``timeout_s``."""
+        if not request.Test():
+            flight = self.flight
+            flight.waiting_since = started = time.monotonic()
+            flight.waiting = call
+            while not request.Test():
+                if time.monotonic() - started > SPIN_S:
+                    time.sleep(NAP_S)
+                    if not self._watched_by_thread:
+                        self.watchdog.check()
+            flight.waiting = None
+        self.flight.end(call)
+
     def allreduce_sum(self, buf: np.ndarray) -> np.ndarray:
-        self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+        self._run("allreduce_sum", buf, lambda: self.comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM))
         return buf
 
     def allreduce_max(self, buf: np.ndarray) -> np.ndarray:
-        self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MAX)
+        self._run("allreduce_max", buf, lambda: self.comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MAX))
         return buf
 
     def iallreduce_sum(self, buf: np.ndarray):
-        request = self.comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
-        return _Pending(request)
+        call = self.flight.begin("iallreduce_sum", buf.nbytes)
+        return _Pending(self, self.comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM), call)
 
     def broadcast(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
-        self.comm.Bcast(buf, root=root)
+        self._run("broadcast", buf, lambda: self.comm.Ibcast(buf, root=root))
         return buf
 
     def allgather(self, values: np.ndarray) -> np.ndarray:
         out = np.empty((self.size, values.size), dtype=values.dtype)
-        self.comm.Allgather(np.ascontiguousarray(values), out)
+        values = np.ascontiguousarray(values)
+        self._run("allgather", values, lambda: self.comm.Iallgather(values, out))
         return out
 
     def alltoall(self, send: np.ndarray, recv: np.ndarray) -> np.ndarray:
-        self.comm.Alltoall(send, recv)
+        self._run("alltoall", send, lambda: self.comm.Ialltoall(send, recv))
         return recv
 
     def reduce_scatter_sum(self, send: np.ndarray, recv: np.ndarray, counts: list[int]) -> np.ndarray:
-        self.comm.Reduce_scatter(send, recv, recvcounts=counts, op=self._MPI.SUM)
+        self._run("reduce_scatter_sum", send,
+                  lambda: self.comm.Ireduce_scatter(send, recv, recvcounts=counts, op=self._MPI.SUM))
         return recv
 
     def allgatherv(self, buf: np.ndarray, counts: list[int]) -> np.ndarray:
         displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
-        self.comm.Allgatherv(self._MPI.IN_PLACE, [buf, (counts, displs)])
+        self._run("allgatherv", buf, lambda: self.comm.Iallgatherv(self._MPI.IN_PLACE, [buf, (counts, displs)]))
         return buf
 
     def gatherv(self, send: np.ndarray, recv: np.ndarray | None, counts: list[int], root: int = 0) -> None:
         displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
-        self.comm.Gatherv(send, [recv, (counts, displs)] if self.rank == root else None, root=root)
+        target = [recv, (counts, displs)] if self.rank == root else None
+        self._run("gatherv", send, lambda: self.comm.Igatherv(send, target, root=root))
 
     def broadcast_text(self, text: str, root: int = 0) -> str:
         data = np.frombuffer(text.encode(), dtype=np.uint8) if self.rank == root else None
         n = np.array([0 if data is None else data.size], dtype=np.int64)
-        self.comm.Bcast(n, root=root)
+        self.broadcast(n, root=root)
         buf = data.copy() if data is not None else np.empty(int(n[0]), dtype=np.uint8)
-        self.comm.Bcast(buf, root=root)
-        return buf.tobytes().decode()
+        return self.broadcast(buf, root=root).tobytes().decode()
 
     def barrier(self) -> None:
-        self.comm.Barrier()
+        self._run("barrier", np.empty(0), self.comm.Ibarrier)
 
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
@@ -241,6 +298,40 @@ class MPIComm:
         sys.stderr.write(text)
         sys.stderr.write(f"[rank {self.rank}] aborting all {self.size} ranks\n")
         self.abort(code)
+
+
+class _SideChannel:
+    """Point-to-point messages beside the job's collectives, on a duplicate of COMM_WORLD: the
+    watchdog's notices, which must get through while the job's own collectives are stuck."""
+
+    def __init__(self, comm, MPI) -> None:
+        self._comm, self._MPI = comm.Dup(), MPI
+        self._sends: list = []  # kept until the job ends: a buffer must outlive its Isend
+
+    def arrived(self, tag: int) -> bool:
+        """Whether a message with ``tag`` from any rank waits to be received."""
+        return self._comm.Iprobe(source=self._MPI.ANY_SOURCE, tag=tag)
+
+    def send(self, dest: int, tag: int, values: np.ndarray) -> None:
+        self._sends.append((values, self._comm.Isend(values, dest=dest, tag=tag)))
+
+    def send_all(self, tag: int, values: np.ndarray) -> None:
+        for dest in range(self._comm.Get_size()):
+            if dest != self._comm.Get_rank():
+                self.send(dest, tag, values)
+
+    def collect(self, tag: int, length: int, sources: set[int], deadline: float) -> dict[int, np.ndarray]:
+        """{source: its int64 message of ``length``} of those of ``sources`` that sent ``tag`` by ``deadline``."""
+        got: dict[int, np.ndarray] = {}
+        status = self._MPI.Status()
+        while sources - got.keys() and time.monotonic() < deadline:
+            if self._comm.Iprobe(source=self._MPI.ANY_SOURCE, tag=tag, status=status):
+                buf = np.empty(length, dtype=np.int64)
+                self._comm.Recv(buf, source=status.Get_source(), tag=tag)
+                got[status.Get_source()] = buf
+            else:
+                time.sleep(0.01)
+        return got
 
 
 def _raise_if_any_failed(comm, error: BaseException | None) -> None:

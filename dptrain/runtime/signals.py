@@ -1,22 +1,25 @@
 """Preemption: turn SIGTERM, SIGUSR1 and SIGINT into a request to stop at the next step boundary.
 
-The first signal only sets a flag; the trainer sums the flags of all ranks with each step's
-loss, so every rank stops after the same step, rank 0 writes a checkpoint, and the job exits
-with status 75 (requeue).
+Every signal only sets a flag; the trainer sums the flags of all ranks with each step's loss, so
+every rank stops after the same step, rank 0 writes a checkpoint, and the job exits with status 75
+(requeue).
 
-Schedulers and launchers often deliver one event twice within milliseconds (Slurm signals every
-job step, PBS the whole session, mpiexec relays what it gets), so repeats within
-``grace_seconds`` of the first signal are ignored; a signal after that ends the process at once.
+Signals are idempotent: schedulers and launchers often deliver one event twice or more (Slurm
+signals the batch shell and every job step, PBS the whole session, mpiexec relays what it gets,
+the batch templates relay too), at any gaps, so any number of them is one request. With
+``keep_ignoring()`` they stay ignored after the stop until the process exits, so a late repeat cannot
+turn exit 75 into death by signal (143). A job whose stop does not come (a rank stuck in a step)
+is ended by the watchdog ``comm.timeout_s`` after the first signal (see
+:meth:`dptrain.parallel.watchdog.Watchdog.watch_stop`); SIGKILL or SIGQUIT end a process at once.
 
 Each delivery is seen by a watcher thread through ``signal.set_wakeup_fd`` (the C-level handler
-writes the signal number to a pipe), not by a Python handler in the main thread: a Python handler
-runs only between bytecodes, so two signals arriving during one long matrix multiply or a blocked
-MPI call would merge into one, and the second could not end the process.
+writes the signal number to a pipe), not by a Python handler in the main thread, which runs only
+between bytecodes: the time of the first signal is known even while the main thread is stuck in
+C code (a matrix multiply, a blocked read), so the watchdog can bound the stop.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import threading
@@ -25,22 +28,20 @@ import time
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
-def _restore_default_action(signum: int) -> None:
-    """SIG_DFL for ``signum``, from any thread (signal.signal works in the main thread only)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.signal.restype = ctypes.c_void_p
-    libc.signal.argtypes = (ctypes.c_int, ctypes.c_void_p)
-    libc.signal(signum, None)  # SIG_DFL is 0
-
-
 class StopOnSignal:
-    """Context manager: while active, the first stop signal sets ``received`` to its number."""
+    """Context manager: while active, the first stop signal sets ``received`` to its number and
+    ``received_at`` to its time; repeats are ignored.
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS, grace_seconds: float = 0.5) -> None:
+    then_ignore : on exit, leave the stop signals ignored rather than restoring the previous handlers;
+        set it (``keep_ignoring()``) when the process ends after a stop, which another rank may have asked.
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS, then_ignore: bool = False) -> None:
         self.signals = tuple(signals)
-        self.grace_seconds = grace_seconds
+        self.then_ignore = then_ignore
         self.received: int | None = None
-        self.received_at: float | None = None
+        self.received_at: float | None = None  # time.monotonic() of the first signal
+        self.repeats = 0  # signals after the first, ignored
         self._numbers = {int(s) for s in self.signals}
         self._previous: dict[int, object] = {}
         self._depth = 0
@@ -51,6 +52,16 @@ class StopOnSignal:
     def requested(self) -> bool:
         return self.received is not None
 
+    def keep_ignoring(self) -> None:
+        """The process ends after this stop: leave the stop signals ignored on exit, so a late repeat
+        cannot kill it (exit 75 would become death by signal, 143)."""
+        self.then_ignore = True
+
+    @property
+    def active(self) -> bool:
+        """Inside the context (the signals are caught)."""
+        return self._depth > 0
+
     def _watch(self, read_fd: int) -> None:
         """Watcher thread: one byte per delivered signal, even while the main thread is in C code."""
         try:
@@ -58,12 +69,10 @@ class StopOnSignal:
                 for signum in data:
                     if signum not in self._numbers:
                         continue
-                    now = time.monotonic()
                     if self.received is None:
-                        self.received, self.received_at = signum, now
-                    elif now - self.received_at >= self.grace_seconds:  # a second, deliberate signal
-                        _restore_default_action(signum)
-                        os.kill(os.getpid(), signum)  # ends the process as if never caught
+                        self.received, self.received_at = signum, time.monotonic()
+                    else:
+                        self.repeats += 1
         finally:
             os.close(read_fd)
 
@@ -85,7 +94,7 @@ class StopOnSignal:
             return
         signal.set_wakeup_fd(self._previous_wakeup_fd)
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if self.then_ignore else handler)
         self._previous.clear()
         os.close(self._pipe[1])  # the watcher reads end-of-file, closes the read end and exits
         self._pipe = None

@@ -97,6 +97,7 @@ class TrainingStep:
     def __call__(self, step: int, batch: np.ndarray) -> StepResult:
         """Optimizer step ``step`` (0-based) on the global batch ``batch`` (sample indices)."""
         clock = time.perf_counter
+        self.comm.flight.step = step + 1  # the watchdog's report and the flight recorder name it
         local = shard(batch, self.comm.rank, self.comm.size)
         overlap = self.sharded is None and self.exchange.overlap  # buckets start during backward
         t0 = clock()

@@ -202,6 +202,8 @@ class Trainer:
         self._dispatch("on_train_begin")
         # NaN and overflow are detected per step (GradientGuard) and reported once, not as NumPy warnings
         signals = self._signals if self.stop_on_signals else contextlib.nullcontext()
+        if self.stop_on_signals:
+            self.comm.watchdog.watch_stop(self._signals)  # a stop that cannot come is ended after comm.timeout_s
         with signals, np.errstate(all="ignore"):
             self._clock.start()
             report_mark = self.totals.copy()

@@ -113,6 +113,29 @@ def test_desync_is_detected_naming_the_rank(tmp_path):
     assert result.stderr.strip() == "error: parameters out of sync at step 6: rank 2 differs from rank 0"
 
 
+CORRUPT = """        if comm.rank == 2 and step == 5:
+            trainer.model.param_buffer[0] += 1e-3"""
+MISMATCH = """        if step == 5:  # a max on rank 1, a sum on the others: MPI matches them anyway
+            (comm.allreduce_max if comm.rank == 1 else comm.allreduce_sum)(np.ones(2))"""
+assert CORRUPT in DESYNC_SCRIPT
+MISMATCHED_SCRIPT = DESYNC_SCRIPT.replace(CORRUPT, MISMATCH).replace(
+    'print(f"error: {exc}", file=sys.stderr)', 'print(exc.details + f"\\nerror: {exc}", file=sys.stderr)')
+
+
+@needs_mpiexec
+def test_ranks_that_made_different_collective_calls_are_named_with_their_last_calls(tmp_path):
+    script = tmp_path / "mismatch.py"
+    script.write_text(MISMATCHED_SCRIPT)
+    result = run([MPIEXEC, "-n", "3", sys.executable, str(script)], timeout=60)
+    assert result.returncode == 3, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == ("error: the ranks made different collective calls before step 6: rank 1 differs from rank 0 "
+                         "(each rank's last collectives are listed above)")
+    assert "rank 1 made " in result.stderr
+    assert any(line.strip().startswith("#") and "allreduce_max 16 B, step 5" in line for line in lines), result.stderr
+    assert any(line.strip().startswith("#") and "allreduce_sum 16 B, step 5" in line for line in lines), result.stderr
+
+
 def _two_folders(tmp_path, config_a, config_b, data_b_seed=0):
     for name, config, seed in (("a", config_a, 0), ("b", config_b, data_b_seed)):
         folder = tmp_path / name
