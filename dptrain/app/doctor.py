@@ -7,9 +7,9 @@ Every rank takes part (collective under MPI); rank 0 prints. Each check is OK, o
 and the fix; :func:`run_checks` returns the lines and whether all passed. The checks: MPI started on
 every rank; the hosts and ranks per node; the scheduler's task and CPU counts against what started;
 the BLAS threads per rank against the cores; allreduce latency and bus bandwidth at a few sizes (as
-nccl-tests' busbw: bytes x 2 (n - 1) / n / time); the run folder writable and the SAME folder on every
-node (each rank writes a token, rank 0 looks for them all: a node-local /tmp fails); and its free
-space against the checkpoints of the config.
+nccl-tests' busbw: bytes x 2 (n - 1) / n / time); the collective watchdog's thread on every rank;
+the run folder writable and the SAME folder on every node (each rank writes a token, rank 0 looks
+for them all: a node-local /tmp fails); and its free space against the checkpoints of the config.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def run_checks(comm, out: str, config_path: str | None, overrides: tuple[str, ..
     results.append(_scheduler(comm.size, os.environ))
     results.append(_threads(comm, max(per_host.values())))
     results.append(_allreduce(comm))
+    results.append(_watchdog(comm))
     results += _run_folder(comm, Path(out), hosts, config_path, overrides)
     lines = [f"{'OK  ' if ok else 'FAIL'}  {name:<12} {text}" for name, ok, text in results]
     return lines, all(ok for _, ok, _ in results)
@@ -56,6 +57,18 @@ def _mpi(comm) -> tuple[str, bool, str]:
     ok = answered == comm.size
     return "mpi", ok, (f"{comm.size} ranks started and answered ({comm.library})" if ok else
                        f"{answered} of {comm.size} ranks answered: check the launcher and the MPI library")
+
+
+def _watchdog(comm) -> tuple[str, bool, str]:
+    """Whether every rank has the watchdog's thread (it needs MPI_THREAD_MULTIPLE to answer while stuck)."""
+    if not comm.is_mpi:
+        return "watchdog", True, "single process: a stop signal not honoured within comm.timeout_s ends it (exit 124)"
+    with_thread = int(comm.allreduce_sum(np.array([int(comm.watchdog.running)], dtype=np.int64))[0])
+    if with_thread == comm.size:
+        return "watchdog", True, (f"a thread on each of the {comm.size} ranks (MPI_THREAD_MULTIPLE): a collective "
+                                  f"waiting longer than comm.timeout_s ends the job (exit 124), naming the ranks")
+    return "watchdog", True, (f"{comm.size - with_thread} rank(s) without MPI_THREAD_MULTIPLE check in their own "
+                              f"waits: a rank stuck in a step cannot show its stack, but is still named")
 
 
 def _scheduler(size: int, environ) -> tuple[str, bool, str]:

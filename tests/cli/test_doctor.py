@@ -12,7 +12,7 @@ from dptrain.cli import main
 
 from helpers import MPIEXEC, dptrain, needs_mpiexec, run
 
-CHECKS = ["mpi", "hosts", "scheduler", "threads", "allreduce", "run folder", "free space"]
+CHECKS = ["mpi", "hosts", "scheduler", "threads", "allreduce", "watchdog", "run folder", "free space"]
 
 
 def _checks(output):
@@ -51,6 +51,7 @@ def test_two_ranks_answer_and_measure_the_allreduce(tmp_path):
     result = dptrain("doctor", "--out", str(tmp_path), ranks=2)
     assert result.returncode == 0, result.stderr
     assert "2 ranks started and answered" in result.stdout and "bus bandwidth" in result.stdout
+    assert "a thread on each of the 2 ranks (MPI_THREAD_MULTIPLE)" in result.stdout
 
 
 @needs_mpiexec

@@ -273,6 +273,36 @@ def test_any_number_of_signals_to_any_process_at_any_gaps_give_one_stop_and_exit
         load_checkpoint(ckpt)
 
 
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (SigCgt of /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(mask >> (signum - 1) & 1)
+
+
+@needs_mpiexec
+def test_a_signal_during_start_up_stops_cleanly_after_the_first_step(jobs: Jobs, tmp_path: Path):
+    config, out, log = tmp_path / "long.toml", tmp_path / "run", tmp_path / "log.txt"
+    config.write_text(LONG_CONFIG)
+    proc = jobs.start(_train_argv(config, out), log)
+    ranks = [rank_pid(out, r) for r in (0, 1)]
+    deadline = time.monotonic() + 30
+    while not all(_catches(pid, signal.SIGTERM) for pid in ranks):  # dptrain's handlers: before MPI starts
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.002)
+    assert not (out / "checkpoints").exists()  # still setting up: MPI, the config, the data, the model
+    proc.send_signal(signal.SIGTERM)
+    assert wait_for_end(proc, log) == 75, log.read_text()
+    output = log.read_text()
+    assert "stopped after step 1;" in output and "Traceback" not in output, output
+    assert [p.name for p in step_dirs(out / "checkpoints")] == ["step-00000001"]
+    load_checkpoint(out / "checkpoints" / "latest")
+    wait_no_ranks_left(out)
+
+
 # ---------------------------------------------------------------------------------------------
 # d: SIGKILL of a rank at a random moment, even while rank 0 writes a checkpoint
 
