@@ -61,19 +61,19 @@ def error_line(output: str) -> str:
 
 
 @needs_mpiexec
-def test_a_stopped_rank_ends_the_job_within_the_bound_and_is_named(jobs, tmp_path: Path):
+def test_a_stopped_rank_ends_the_job_within_the_bound_and_is_named_by_the_next(jobs, tmp_path: Path):
     config, out, log = tmp_path / "long.toml", tmp_path / "run", tmp_path / "log.txt"
     config.write_text(LONG_CONFIG)
     proc = jobs.start([MPIEXEC, "-n", "3", sys.executable, "-m", "dptrain", "train", "--config", str(config),
                        "--out", str(out), "--set", f"comm.timeout_s={TIMEOUT}"], log)
     wait_for_path(out / "checkpoints" / "latest", proc, log)
     pids = [rank_pid(out, r) for r in range(3)]
-    os.kill(pids[1], signal.SIGSTOP)
+    os.kill(pids[0], signal.SIGSTOP)  # rank 0, which would report: the next rank that can does
     stopped_at = time.monotonic()
     time.sleep(1.5)  # the others wait at full speed for a second, then nap
-    cpu_before, wall_before = cpu_seconds(pids[0]) + cpu_seconds(pids[2]), time.monotonic()
+    cpu_before, wall_before = cpu_seconds(pids[1]) + cpu_seconds(pids[2]), time.monotonic()
     time.sleep(2.0)
-    cpu_waiting = cpu_seconds(pids[0]) + cpu_seconds(pids[2]) - cpu_before
+    cpu_waiting = cpu_seconds(pids[1]) + cpu_seconds(pids[2]) - cpu_before
     wall_waiting = time.monotonic() - wall_before
     code = wait_for_end(proc, log, timeout=BOUND)
     output = log.read_text()
@@ -81,9 +81,11 @@ def test_a_stopped_rank_ends_the_job_within_the_bound_and_is_named(jobs, tmp_pat
     assert time.monotonic() - stopped_at < BOUND
     line = error_line(output)
     assert line.startswith(f"error: a collective did not complete within comm.timeout_s = {TIMEOUT} s"), line
-    assert f"rank 1 ({HOST}, pid {pids[1]}): no answer" in line
-    assert "ranks 0, 2 waited in " in line and line.endswith("exit status 124")
-    for r in (0, 2):  # the live ranks' stacks (the main thread in the wait) and flight recorders
+    assert f"rank 0 ({HOST}, pid {pids[0]}): no answer" in line
+    # (the two may wait at different calls of the step: rank 0 stopped partway through the step's exchanges)
+    assert "rank 1 waited in " in line or "ranks 1, 2 waited in " in line
+    assert "different collectives" not in line and line.endswith("exit status 124")
+    for r in (1, 2):  # the live ranks' stacks (the main thread in the wait) and flight recorders
         assert any(s.startswith(f"[rank {r}]") and "in _complete" in s for s in output.splitlines()), output
         assert f"[rank {r}] watchdog: the last 16 of this rank's" in output
     assert cpu_waiting < 0.25 * wall_waiting, f"two waiting ranks used {cpu_waiting:.2f} s of CPU in {wall_waiting:.1f} s"
