@@ -5,6 +5,7 @@ Rank 0 calls these; the other ranks get the answer by broadcast."""
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -70,7 +71,22 @@ def set_up_out_dir(out_dir: Path, overwrite: bool, config_toml: str) -> None:
     """Make the run folder ready: with ``overwrite`` the old checkpoints go, temporaries of a killed
     writer go, and the resolved config is written as ``config.toml``."""
     if overwrite and (out_dir / "checkpoints").is_dir():
-        shutil.rmtree(out_dir / "checkpoints")
+        remove_tree(out_dir / "checkpoints")
     clean_stale_temporaries(out_dir / "checkpoints")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(out_dir / "config.toml", lambda fh: fh.write(config_toml), mode="w")
+
+
+def remove_tree(folder: Path) -> None:
+    """shutil.rmtree, whose OSError names the file it could not remove by its whole path (rmtree's
+    own error carries only the name inside its folder, e.g. "latest")."""
+
+    def named(function, path, exc: BaseException) -> None:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+        raise exc
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(folder, onexc=named)
+    else:
+        shutil.rmtree(folder, onerror=lambda function, path, info: named(function, path, info[1]))

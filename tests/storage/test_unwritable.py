@@ -1,11 +1,16 @@
-"""A file system that turns read-only under a run (as a full or failing Lustre/NFS mount does): every
-write of dptrain (the run folder, --overwrite, a resume, the timeline, predict's output) ends in one
-line naming the path and the cause, exit 74, and every checkpoint already there is intact. The file
-system is a real one: a small tmpfs remounted read-only (skipped where mounting is not allowed)."""
+"""A file system that turns read-only under a run (as a failing Lustre/NFS mount does), and folders
+the user may not write: every write of dptrain (the run folder, --overwrite, a resume, the timeline,
+predict's output) ends in one line naming the path and the cause, exit 74, and every checkpoint
+already there is intact. The file system is a real one: a small tmpfs remounted read-only (skipped
+where mounting is not allowed); permissions are real too (as root, dptrain runs without the
+capabilities that bypass them)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -80,3 +85,45 @@ def test_predictions_to_a_read_only_file_system_are_one_line(read_only_run, tmp_
     line = _one_error_line(CliRunner().invoke(main, ["predict", "--checkpoint", str(run), "--input", str(rows),
                                                      "--output", str(output)]))
     assert str(output) in line, line
+
+
+def _without_override(argv: list[str]) -> list[str]:
+    """argv run so that file permissions hold: as root, without CAP_DAC_OVERRIDE (setpriv)."""
+    if os.geteuid() != 0:
+        return argv
+    if shutil.which("setpriv") is None:
+        pytest.skip("root without setpriv: permissions cannot be enforced")
+    drop = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", *argv]
+
+
+def _dptrain_without_override(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_without_override([sys.executable, "-m", "dptrain", *args]), capture_output=True,
+                          text=True, timeout=120)
+
+
+def _one_permission_line(result) -> str:
+    assert result.returncode == 74, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "Permission denied" in errors[0], result.stderr
+    return errors[0]
+
+
+def test_a_run_folder_in_a_folder_the_user_may_not_write_is_one_line(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    line = _one_permission_line(_dptrain_without_override("train", "--out", str(locked / "run"), *SMALL))
+    assert str(locked / "run") in line, line
+
+
+def test_overwriting_a_run_the_user_may_not_change_is_one_line_and_keeps_it(tmp_path):
+    run = tmp_path / "run"
+    assert CliRunner().invoke(main, ["train", "--out", str(run), *SMALL]).exit_code == 0
+    (run / "checkpoints").chmod(0o555)  # its checkpoints cannot be deleted
+    try:
+        line = _one_permission_line(_dptrain_without_override("train", "--out", str(run), "--overwrite", *SMALL))
+        assert str(run / "checkpoints") in line, line
+        _intact(run)
+    finally:
+        (run / "checkpoints").chmod(0o755)
