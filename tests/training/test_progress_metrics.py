@@ -162,12 +162,12 @@ def test_phase_columns_add_up_to_the_trainers_phase_seconds(tmp_path):
 
 
 def test_step_rows_and_epochs_exclude_checkpoint_time(tmp_path, monkeypatch):
-    """A checkpoint (here one that takes 0.2 s) is not a step's time: neither the step rows'
+    """A checkpoint (here one that takes 0.1 s) is not a step's time: neither the step rows'
     samples_per_s nor the epochs' time include it, also for the first row after an epoch's checkpoint."""
     from dptrain.training import trainer as trainer_module
 
     write = trainer_module.Trainer.save_checkpoint
-    pause = 0.2
+    pause = 0.1
 
     def slow_save_checkpoint(self):
         time.sleep(pause)
