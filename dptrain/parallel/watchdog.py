@@ -205,7 +205,7 @@ def report(records: dict[int, np.ndarray], size: int, peers: list[tuple[str, int
              for (seq, op, nbytes, step), ranks in groups.items()]
     parts = []
     if absent:
-        parts.append(f"did not arrive: {'; '.join(absent)}")
+        parts.append(f"{'not at a step boundary' if signals else 'did not arrive'}: {'; '.join(absent)}")
     if waits:
         parts.append("; ".join(waits))
     if len(groups) > 1 and not absent:  # (with a rank absent, the others may stand at different calls of one step)

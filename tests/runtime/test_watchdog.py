@@ -16,7 +16,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
 from background import rank_pid, wait_for_end, wait_for_path, wait_no_ranks_left
 
 from dptrain.storage.checkpoint import load_checkpoint, step_dirs
@@ -101,11 +100,11 @@ STUCK_IN_A_STEP = textwrap.dedent("""
     from dptrain.data import make_synthetic
 
     class StuckOnRank1(Layer):
-        '''The identity, except that rank 1 sleeps forever in the forward pass of step 3.'''
+        '''The identity, except that rank 1 (or every rank) sleeps forever in the forward pass of step 3.'''
         calls = 0
         def forward(self, x, train=True):
             StuckOnRank1.calls += 1
-            if comm.rank == 1 and StuckOnRank1.calls == 3:
+            if comm.rank in ({stuck}) and StuckOnRank1.calls == 3:
                 time.sleep(10_000)  # a stuck file system, a deadlock
             return x
         def backward(self, dy):
@@ -124,15 +123,11 @@ STUCK_IN_A_STEP = textwrap.dedent("""
 
 
 @needs_mpiexec
-@pytest.mark.parametrize("also_sigterm", [False, True], ids=["alone", "sigterm"])
-def test_a_rank_asleep_in_a_step_is_named_with_its_stack(jobs, tmp_path: Path, also_sigterm: bool):
+def test_a_rank_asleep_in_a_step_is_named_with_its_stack(jobs, tmp_path: Path):
     script, log = tmp_path / "stuck.py", tmp_path / "log.txt"
-    script.write_text(STUCK_IN_A_STEP.format(timeout=TIMEOUT))
+    script.write_text(STUCK_IN_A_STEP.format(timeout=TIMEOUT, stuck="1,"))
     proc = jobs.start([MPIEXEC, "-n", "2", sys.executable, str(script)], log)
     start = time.monotonic()
-    if also_sigterm:  # one SIGTERM, as a scheduler sends: the stop cannot come, the job still ends in the bound
-        time.sleep(3.0)
-        proc.send_signal(signal.SIGTERM)
     code = wait_for_end(proc, log, timeout=BOUND + 10)
     output = log.read_text()
     assert code == 124, output
@@ -143,6 +138,27 @@ def test_a_rank_asleep_in_a_step_is_named_with_its_stack(jobs, tmp_path: Path, a
     assert any(s.startswith("[rank 1]") and 'stuck.py", line 13 in forward' in s
                for s in output.splitlines()), output  # where rank 1 is stuck
     assert "unreachable" not in output
+    wait_no_ranks_left(tmp_path)
+
+
+@needs_mpiexec
+def test_a_stop_signal_to_a_job_that_cannot_stop_ends_it_after_the_timeout(jobs, tmp_path: Path):
+    """Every rank asleep in step 3, none in a collective: only the bound on the stop ends the job."""
+    script, log = tmp_path / "stuck.py", tmp_path / "log.txt"
+    script.write_text(STUCK_IN_A_STEP.format(timeout=TIMEOUT, stuck="0, 1"))
+    proc = jobs.start([MPIEXEC, "-n", "2", sys.executable, str(script)], log)
+    time.sleep(2.0)  # asleep by now
+    proc.send_signal(signal.SIGTERM)  # one SIGTERM, as a scheduler sends
+    signalled = time.monotonic()
+    code = wait_for_end(proc, log, timeout=BOUND)
+    output = log.read_text()
+    assert code == 124, output
+    assert TIMEOUT <= time.monotonic() - signalled < BOUND
+    line = error_line(output)
+    assert line.startswith(f"error: stop signal SIGTERM not honoured within comm.timeout_s = {TIMEOUT} s"), line
+    assert "rank 0 (" in line and "rank 1 (" in line and line.count("busy in step 3") == 2, line
+    for r in (0, 1):
+        assert any(s.startswith(f"[rank {r}]") and 'stuck.py", line 13 in forward' in s for s in output.splitlines())
     wait_no_ranks_left(tmp_path)
 
 
