@@ -41,9 +41,9 @@ BIN = Path(sys.executable).parent
 STOPPED = re.compile(r"stop signal received by [12] of 2 rank\(s\)")
 RUN_TIMEOUT = 120  # seconds for a whole run
 
-# ~0.2-0.3 s per epoch on 2 ranks: uninterrupted ~5-7 s. 16000 training samples / 50 = 320 steps
+# ~0.2-0.3 s per epoch on 2 ranks: uninterrupted ~2-3 s. 16000 training samples / 50 = 320 steps
 # per epoch; a checkpoint at the end of each epoch, so `latest` appears after epoch 1.
-LONG_EPOCHS, LONG_STEPS_PER_EPOCH = 24, 320
+LONG_EPOCHS, LONG_STEPS_PER_EPOCH = 10, 320
 LONG_CONFIG = f"""
 seed = 0
 [data]
