@@ -41,6 +41,7 @@ NOTICE, PRINTED = 7101, 7102  # side-channel tags
 REASONS = ("joined", "timeout", "signal")
 #: a rank's state in a notice: reason, in a collective (0/1), seq, operation, bytes, step, ms waited, signal
 RECORD_LENGTH = 8
+OUTPUT_DRAIN_S = 1.0  # seen under load: mpiexec dropped the report written just before MPI_Abort
 
 
 class Watchdog:
@@ -153,6 +154,7 @@ class Watchdog:
         if side is not None:  # the stacks of the others first, so the report is the last line
             side.collect(PRINTED, 1, set(records) - {comm.rank}, time.monotonic() + grace)
         _write(f"error: {report(records, comm.size, comm.peers, self.timeout_s)}\n")
+        time.sleep(OUTPUT_DRAIN_S)  # the launcher forwards what was written before MPI_Abort tears the job down
         self._end()
 
     def _end(self) -> None:
