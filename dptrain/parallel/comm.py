@@ -16,6 +16,7 @@ import atexit
 import contextlib
 import os
 import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -376,6 +377,18 @@ def make_comm(kind: str | None = None, limit_threads: bool = True):
 
         comm.thread_limit = limit_threads_in_process(comm.local_size)
     return comm
+
+
+def mpi4py_library() -> str | None:
+    """The MPI library mpi4py is built against (its first line), read without starting MPI (in a
+    child process: this one may start MPI later); None if mpi4py cannot be loaded."""
+    probe = ("import mpi4py; mpi4py.rc.initialize = mpi4py.rc.finalize = False; from mpi4py import MPI; "
+             "print(MPI.Get_library_version().splitlines()[0])")
+    try:
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 def refuse_under_mpi(message: str, kind: str | None = None) -> None:

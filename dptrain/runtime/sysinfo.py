@@ -169,6 +169,8 @@ def format_text(report: dict[str, Any]) -> str:
         mpi = f"{library}; {_plural(m['world_size'], 'rank')} on {_plural(m['nodes'], 'node')}, {spread}"
     else:
         mpi = "not under MPI (single process)"
+        if m.get("mpi4py_library"):
+            mpi += f"; mpi4py is built against {' '.join(m['mpi4py_library'].split())}"
     blas = [f"{b['internal_api']} {b['version']} ({_owner(b)}{b['filename']}, {b['architecture']} kernels, "
             f"{b['threading_layer']})" for b in report["blas"]] or ["none found"]
     n = report["threads_per_rank"]

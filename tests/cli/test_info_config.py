@@ -28,7 +28,10 @@ def test_info_single_process():
     rows = dict(line.split(None, 1) for line in result.output.splitlines() if not line.startswith(" "))
     assert rows["dptrain"].startswith("0.")
     assert rows["NumPy"] == __import__("numpy").__version__
-    assert rows["MPI"] == "not under MPI (single process)"
+    # the library mpi4py is built against, named before a job starts (is it the site's MPI?)
+    from mpi4py import __version__ as mpi4py_version  # noqa: F401 (installed with dptrain[mpi])
+    assert rows["MPI"].startswith("not under MPI (single process); mpi4py is built against "), rows["MPI"]
+    assert "MPICH" in rows["MPI"] or "Open MPI" in rows["MPI"] or "Intel" in rows["MPI"], rows["MPI"]
     assert rows["threads"].endswith(" per rank (set by OMP_NUM_THREADS=1)")  # the count: the BLAS's, read
     assert ".so" in rows["BLAS"] or ".dylib" in rows["BLAS"] or ".dll" in rows["BLAS"]
     assert "cores available" in rows["CPU"]
@@ -39,8 +42,10 @@ def test_info_json():
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["python"]["executable"] == sys.executable
+    library = report["mpi"].pop("mpi4py_library")
     assert report["mpi"] == {"under_mpi": False, "library": None, "world_size": 1, "nodes": 1, "ranks_per_node": 1,
                              "ranks_per_host": {report["hostname"]: 1}}
+    assert library and "Version" in library
     keys = {"internal_api", "version", "filename", "architecture", "num_threads"}
     assert report["blas"] and keys <= set(report["blas"][0])
     assert report["threads_set_by"].startswith("the BLAS's default")
