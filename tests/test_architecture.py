@@ -38,6 +38,7 @@ THIRD_PARTY = {
     "dptrain.parallel.comm": {"numpy", "mpi4py"},
     "dptrain.cli": {"click"},
     "dptrain.data": {"numpy", "sklearn", "mnist1d"},  # the datasets' own packages (mnist1d: an optional extra)
+    "dptrain.app.export": {"numpy", "onnx", "safetensors"},  # the export formats' packages (the export extra)
 }
 ALWAYS = {"numpy", "scipy", "threadpoolctl", "tqdm", "sklearn", "matplotlib", "tomli"}  # tqdm: the progress bar
 

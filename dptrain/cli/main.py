@@ -16,6 +16,7 @@ from .bench import bench
 from .config import config_group
 from .doctor import doctor_command
 from .evaluate import eval_command
+from .export import export_command
 from .info import info_command
 from .launch import launch
 from .model import model_group
@@ -38,6 +39,6 @@ def main(ctx: click.Context) -> None:
         ctx.invoke(train)
 
 
-for command in (train, eval_command, predict_command, sample_command, launch, bench, model_group, plot_command,
+for command in (train, eval_command, predict_command, sample_command, export_command, launch, bench, model_group, plot_command,
                 info_command, doctor_command, config_group):
     main.add_command(command)
