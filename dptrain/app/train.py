@@ -25,6 +25,7 @@ from dptrain.training.callbacks.metrics import summary_line
 from dptrain.training.evaluation import VALIDATION_KEYS
 
 from .build import build_parts, build_trainer
+from .init_from import initialise_from, read_weights
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class TrainRequest:
     quiet: bool = False
     timeline: str | None = None
     debug: bool = False
+    init_from: str | None = None  # a checkpoint, run folder or .safetensors file to start from
 
 
 def run_training(comm, request: TrainRequest, stop_signals, echo: Callable[..., None]) -> None:
@@ -112,6 +114,14 @@ def _set_up(comm, r: TrainRequest, info, echo):
         if r.resume:
             checkpoint = find_checkpoint(r.resume, out_dir, parts.model, info, lambda line: echo(line, err=True),
                                          parts.optimizer)
+        if r.init_from and checkpoint is None:  # (a requeued run continues its own checkpoint instead)
+            weights = read_weights(r.init_from, lambda line: echo(line, err=True))
+            left = initialise_from(parts.model, weights, config.model.init_from_strict, r.init_from)
+            info(f"initialised from {r.init_from}: {len(parts.model.state_shapes()) - len(left)} of "
+                 f"{len(parts.model.state_shapes())} parameters and buffers"
+                 + (f"; left at their initial values: {', '.join(left)}" if left else ""))
+        elif r.init_from:
+            info(f"--init-from {r.init_from} not used: continuing {checkpoint.path}")
     return config, parts, out_dir, checkpoint
 
 

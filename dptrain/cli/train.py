@@ -25,6 +25,10 @@ def train_options(fn):
     fn = click.option("--quiet", is_flag=True,
                       help="Print only errors, warnings and the final summary line (metrics files are still "
                       "written).")(fn)
+    fn = click.option("--init-from", "init_from", default=None, metavar="PATH",
+                      help="Start a new run from the weights of a checkpoint, a run folder or a .safetensors "
+                      "export (fine-tuning): step 0, a fresh optimizer, this config and data. Skipped when "
+                      "--resume finds a checkpoint to continue.")(fn)
     fn = click.option("--resume", default=None, metavar="auto|PATH",
                       help="Continue from the newest valid checkpoint of --out (auto; starts fresh if there is "
                       "none) or from the checkpoint at PATH.")(fn)
@@ -39,7 +43,8 @@ def train_options(fn):
 @train_options
 @common_options
 @reports_errors
-def train(config_path, overrides, out, overwrite, resume, quiet=False, timeline=None, comm_kind="auto", debug=False):
+def train(config_path, overrides, out, overwrite, resume, init_from=None, quiet=False, timeline=None, comm_kind="auto",
+          debug=False):
     """Train a model, on one process or on every rank of an MPI job.
 
     Exit status: 0 done; 1 crashed; 2 bad input; 3 diverged (NaN/inf) or ranks out of sync;
@@ -51,7 +56,8 @@ def train(config_path, overrides, out, overwrite, resume, quiet=False, timeline=
         comm = make_comm(comm_kind)
         comm.debug = debug  # an environment failure under MPI: its traceback, not one line
         comm.watchdog.watch_stop(stop_signals)  # a stop that cannot come ends the job after comm.timeout_s
-        request = TrainRequest(config_path, tuple(overrides), out, overwrite, resume, quiet, timeline, debug)
+        request = TrainRequest(config_path, tuple(overrides), out, overwrite, resume, quiet, timeline, debug,
+                               init_from)
         with comm.fail_fast():
             try:
                 run_training(comm, request, stop_signals, echo=click.echo)

@@ -54,6 +54,7 @@ class ModelConfig:
     # an explicit list of layer tables, e.g. [{type = "conv2d", filters = 16, kernel = 3}], instead
     # of hidden + activation; the output layer is added (see the layer tables below)
     layers: tuple[dict, ...] = ()
+    init_from_strict: bool = True  # --init-from: every parameter must be in the file with its shape; false = load those that are
 
 
 @dataclass(frozen=True)

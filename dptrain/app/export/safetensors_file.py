@@ -122,8 +122,11 @@ def load_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str,
     """(tensors in dptrain's names, the header's metadata) of a file; a torch-layout file written by
     dptrain is turned back (Dense weights transposed, ``num_batches_tracked`` dropped). UserError if
     it is not a safetensors file."""
-    from safetensors import SafetensorError, safe_open
-
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError:
+        raise UserError(f"{path}: reading a .safetensors file needs the safetensors package: "
+                        f"pip install \"dptrain[export]\"") from None
     try:
         with safe_open(str(path), framework="np") as fh:
             meta = fh.metadata() or {}

@@ -1,5 +1,6 @@
-"""`dptrain export --format safetensors`: the weights in dptrain's layout (bitwise those of the
-checkpoint) or in torch's (the names and shapes of the documented table), and back."""
+"""`dptrain export`: ONNX graphs that onnxruntime runs to `dptrain predict`'s probabilities, and
+safetensors files in dptrain's layout (bitwise those of the checkpoint) or in torch's (the names and
+shapes of the documented table), and back. (tests/app/test_onnx_export.py checks every layer.)"""
 
 from __future__ import annotations
 
@@ -31,6 +32,40 @@ def runs(tmp_path_factory):
 
 def _export(run, path, *extra):
     return invoke("export", "--checkpoint", run, "--format", "safetensors", "--output", path, *extra)
+
+
+@pytest.mark.parametrize("config", ["digits_mlp", "digits_cnn", "digits_resnet"])
+def test_onnxruntime_on_the_exported_graph_gives_dptrain_predicts_probabilities(runs, tmp_path, config):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    graph, rows, predictions = tmp_path / "model.onnx", tmp_path / "rows.npy", tmp_path / "p.csv"
+    result = invoke("export", "--checkpoint", runs[config], "--format", "onnx", "--output", graph)
+    assert result.exit_code == 0 and "as ONNX" in result.output, result.output
+    x = np.random.default_rng(0).uniform(0, 16, (9, 64)).astype(np.float32)  # pixels as the digits have them
+    np.save(rows, x)
+    assert invoke("predict", "--checkpoint", runs[config], "--input", rows, "--output", predictions).exit_code == 0
+    expected = np.loadtxt(predictions, delimiter=",", skiprows=1)[:, 2:]  # row, class, p_0..p_9
+    session = onnxruntime.InferenceSession(str(graph))
+    shape = [d if isinstance(d, int) else len(x) for d in session.get_inputs()[0].shape]
+    [logits] = session.run(["y"], {"x": x.reshape(shape)})
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    assert np.abs(probabilities - expected).max() <= 1e-5
+
+
+def test_a_layer_onnx_cannot_take_is_refused_by_name(tmp_path):
+    pytest.importorskip("onnx")
+    from dptrain import Layer, Sequential
+    from dptrain.app.export.onnx_model import save_onnx
+    from dptrain.errors import UserError
+
+    class Square(Layer):
+        def forward(self, x, train=True):
+            return x * x
+
+    with pytest.raises(UserError, match=r"layers\.0 \(Square\): cannot be exported to ONNX"):
+        save_onnx(Sequential([Square()], in_shape=4), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_the_dptrain_layout_is_the_checkpoint_bit_for_bit_with_its_description(runs, tmp_path):
