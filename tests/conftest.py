@@ -1,7 +1,7 @@
 """Shared test set-up: the `mpi` mark, the helpers module (tests/helpers.py) on the import path, the `jobs` fixture.
 
     pytest                 # everything (the README's test command)
-    pytest -m "not mpi"    # the fast loop: no test that starts mpiexec
+    pytest -m "not mpi and not slow"    # the fast loop: no test that starts mpiexec or runs for seconds
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import helpers
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "mpi: runs mpiexec (leave out with -m \"not mpi\" for a fast loop)")
+    config.addinivalue_line("markers", "slow: starts a process that runs for seconds: an example, a wheel build, a "
+                            "fault (leave out with -m \"not slow\" for a fast loop)")
 
 
 @pytest.fixture(autouse=True)

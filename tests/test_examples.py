@@ -10,6 +10,7 @@ from helpers import MPI_MARKS, MPIEXEC, REPO, assert_arrays_close, load_arrays, 
 
 EXAMPLES = sorted(p.name for p in (REPO / "examples").glob("*.py"))
 RANKS = [None, pytest.param(2, marks=MPI_MARKS)]
+pytestmark = pytest.mark.slow  # each runs an example script to the end
 
 
 def run_example(name: str, cwd, ranks: int | None):

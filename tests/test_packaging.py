@@ -13,6 +13,8 @@ import pytest
 
 from helpers import REPO, run
 
+pytestmark = pytest.mark.slow  # builds a wheel and installs it
+
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:

@@ -340,6 +340,7 @@ def test_pbs_exit_status(tmp_path: Path, launcher_exit: int, resubmit_exit: int,
 # End to end: 2 ranks of real training
 
 
+@pytest.mark.slow
 def test_slurm_end_to_end(tmp_path: Path, mpiexec: str):
     fake_srun = _fake_srun(tmp_path, mpiexec)
     (tmp_path / "quick.toml").write_text(QUICK_CONFIG)
@@ -351,6 +352,7 @@ def test_slurm_end_to_end(tmp_path: Path, mpiexec: str):
     assert (tmp_path / "runs" / "slurm-4242" / "checkpoints" / "latest" / "model.npz").is_file(), output
 
 
+@pytest.mark.slow
 def test_pbs_end_to_end(tmp_path: Path, mpiexec: str):
     (tmp_path / "quick.toml").write_text(QUICK_CONFIG)
     elsewhere = tmp_path / "elsewhere"

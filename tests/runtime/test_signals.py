@@ -9,6 +9,8 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from dptrain.runtime.signals import StopOnSignal
 
 from helpers import run
@@ -54,6 +56,7 @@ REPEATS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_any_number_of_stop_signals_at_any_gaps_is_one_request(tmp_path):
     script = tmp_path / "repeats.py"
     script.write_text(REPEATS)
@@ -78,6 +81,7 @@ STUCK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_stop_that_cannot_come_ends_the_process_after_the_timeout_with_its_stack(tmp_path):
     script = tmp_path / "stuck.py"
     script.write_text(STUCK)

@@ -35,6 +35,7 @@ def _dead_pid():
     return process.pid
 
 
+@pytest.mark.slow
 def test_a_second_job_on_the_same_folder_exits_2_naming_the_first(tmp_path):
     out = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "dptrain", "train", "--out", str(out), "--quiet",

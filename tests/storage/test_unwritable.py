@@ -110,6 +110,7 @@ def _one_permission_line(result) -> str:
     return errors[0]
 
 
+@pytest.mark.slow
 def test_a_run_folder_in_a_folder_the_user_may_not_write_is_one_line(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
@@ -117,6 +118,7 @@ def test_a_run_folder_in_a_folder_the_user_may_not_write_is_one_line(tmp_path):
     assert str(locked / "run") in line, line
 
 
+@pytest.mark.slow
 def test_overwriting_a_run_the_user_may_not_change_is_one_line_and_keeps_it(tmp_path):
     run = tmp_path / "run"
     assert CliRunner().invoke(main, ["train", "--out", str(run), *SMALL]).exit_code == 0
