@@ -259,6 +259,10 @@ def build_parts(config: Config, world_size: int = 1) -> RunParts:
         loss = build_loss(config, dataset)
         model = build_model(config, dataset.n_features, dataset.n_outputs)
         _check_batch_statistics(config, model, len(train_set))
+        try:
+            model.freeze(config.model.freeze)
+        except ValueError as exc:
+            raise UserError(f"config: model.freeze: {exc}") from None
         return RunParts(dataset, train_set, val_set, loss, model, build_optimizer(config, model))
     except MemoryError as exc:
         raise UserError(f"not enough memory for the data and model of this config ({exc or 'MemoryError'})") from None

@@ -55,6 +55,8 @@ class ModelConfig:
     # of hidden + activation; the output layer is added (see the layer tables below)
     layers: tuple[dict, ...] = ()
     init_from_strict: bool = True  # --init-from: every parameter must be in the file with its shape; false = load those that are
+    # parameters that do not train (fine-tuning): names or path prefixes, e.g. ["layers.0", "layers.1"]
+    freeze: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,9 @@ class Sequential:
         self.buffer_specs = _layout(buffer_specs)
         self.state_buffer = np.zeros(sum(s.size for s in self.buffer_specs), dtype=self.dtype)
         self._first_param_layer = self.param_specs[0].layer_index if self.param_specs else len(self.layers)
+        #: names of the frozen parameters (:meth:`freeze`): no update, a gradient of 0
+        self.frozen: set[str] = set()
+        self._frozen_by_layer: dict[int, list[tuple[int, int]]] = {}
         self._can_skip_dx = ["input_grad" in inspect.signature(layer.backward).parameters for layer in self.layers]
         for spec in self.param_specs:
             self.layers[spec.layer_index].bind_param(spec.key, self._view(self.param_buffer, spec),
@@ -84,6 +87,35 @@ class Sequential:
         #: (n_layers, 2) seconds of each layer's forward and backward, added up while not None
         #: (``dptrain bench --layers`` sets it); None: nothing timed
         self.layer_seconds: np.ndarray | None = None
+
+    def freeze(self, prefixes) -> list[str]:
+        """Freeze the parameters whose name is one of ``prefixes`` or lies under one (``"layers.0"``
+        freezes layers.0.weight and layers.0.bias; ``"layers.3.body.0"`` a layer inside a block):
+        their gradient is always 0 (backward does not run below the first layer that trains, and
+        zeroes the frozen gradients of the layers it runs), so an optimizer with a fresh state never
+        moves them; :class:`~dptrain.training.step.TrainingStep` also takes them out of weight decay
+        and the gradient exchange. Returns the frozen names; ValueError for a prefix that matches nothing."""
+        names = []
+        for prefix in prefixes:
+            matched = [s.name for s in self.param_specs if s.name == prefix or s.name.startswith(prefix + ".")]
+            if not matched:
+                raise ValueError(f"{prefix}: no parameter of the model has this name or prefix "
+                                 f"(the names: {', '.join(s.name for s in self.param_specs[:6])}, ...)")
+            names += [n for n in matched if n not in names]
+        self.frozen = set(names)
+        self._frozen_by_layer = {}
+        for s in self.param_specs:
+            if s.name in self.frozen:
+                self._frozen_by_layer.setdefault(s.layer_index, []).append((s.offset, s.offset + s.size))
+                self.grad_buffer[s.offset : s.offset + s.size] = 0.0
+        trained = [s.layer_index for s in self.param_specs if s.name not in self.frozen]
+        self._first_param_layer = min(trained) if trained else len(self.layers)
+        return [s.name for s in self.param_specs if s.name in self.frozen]
+
+    @property
+    def frozen_spans(self) -> list[tuple[int, int]]:
+        """The (lo, hi) spans of the flat buffers holding frozen parameters, in order."""
+        return sorted(span for spans in self._frozen_by_layer.values() for span in spans)
 
     def decay_ranges(self) -> list[tuple[int, int]]:
         """The (lo, hi) spans of ``param_buffer`` holding weight matrices and kernels (what
@@ -132,6 +164,8 @@ class Sequential:
         Returns dx of shape (batch, in_features); ``input_grad=False`` (training) skips the work
         that only dx needs: the layers before the first one with parameters, and that layer's dx.
         ``after_layer(i)`` is called once layer i's gradients are final (to start exchanging them).
+        With frozen parameters (:meth:`freeze`), the first layer with parameters is the first with
+        one that trains, and the gradients of the frozen ones are set to 0.
         """
         first = 0 if input_grad else self._first_param_layer
         seconds = self.layer_seconds
@@ -141,6 +175,8 @@ class Sequential:
                 self.layers[i].backward(dy, input_grad=False)
             else:  # a user's layer may implement backward(dy) only
                 dy = self.layers[i].backward(dy)
+            for lo, hi in self._frozen_by_layer.get(i, ()):
+                self.grad_buffer[lo:hi] = 0.0
             if seconds is not None:
                 seconds[i, 1] += time.perf_counter() - start
             if after_layer is not None:

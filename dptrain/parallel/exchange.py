@@ -40,19 +40,23 @@ FP16_TARGET = 2.0**14  # the largest |sum over ranks| aimed for, well under fp16
 def plan_buckets(model: Sequential, bucket_bytes: int) -> list[Bucket]:
     """Group parameters, last layer first, into buckets of at least ``bucket_bytes`` (layer-aligned).
 
-    ``bucket_bytes = 0`` gives one bucket for the whole buffer, exchanged after backward.
+    ``bucket_bytes = 0`` gives one bucket for the whole buffer, exchanged after backward. Frozen
+    parameters (``model.freeze``) are left out: a bucket also ends where one lies between two others.
     """
-    specs = sorted(model.param_specs, key=lambda s: s.offset, reverse=True)
+    specs = sorted((s for s in model.param_specs if s.name not in model.frozen), key=lambda s: s.offset, reverse=True)
     if not specs:
         return []
-    if bucket_bytes <= 0:
+    if bucket_bytes <= 0 and not model.frozen:
         return [Bucket(0, model.n_params, 0)]
     itemsize = model.dtype.itemsize
     buckets: list[Bucket] = []
     stop = specs[0].offset + specs[0].size
     for i, spec in enumerate(specs):
-        last_of_layer = i + 1 == len(specs) or specs[i + 1].layer_index != spec.layer_index
-        if last_of_layer and ((stop - spec.offset) * itemsize >= bucket_bytes or i + 1 == len(specs)):
+        below = specs[i + 1] if i + 1 < len(specs) else None
+        if below is None or below.offset + below.size != spec.offset:  # the end, or a frozen span below
+            buckets.append(Bucket(spec.offset, stop, spec.layer_index))
+            stop = below.offset + below.size if below is not None else 0
+        elif bucket_bytes > 0 and below.layer_index != spec.layer_index and (stop - spec.offset) * itemsize >= bucket_bytes:
             buckets.append(Bucket(spec.offset, stop, spec.layer_index))
             stop = spec.offset
     return buckets
@@ -71,7 +75,9 @@ class GradientExchange:
         self.comm, self.model, self.compression = comm, model, compression
         self.buckets = plan_buckets(model, bucket_bytes)
         self.overlap = bucket_bytes > 0 and comm.size > 1 and compression == "none"
-        self._by_layer = {b.first_layer: b for b in self.buckets}
+        self._by_layer: dict[int, list[Bucket]] = {}  # the buckets a layer completes (several: frozen gaps)
+        for b in self.buckets:
+            self._by_layer.setdefault(b.first_layer, []).append(b)
         self._peaks = np.zeros(len(self.buckets), dtype=np.float64)  # fp16: each bucket's largest |value|
         self._started: list[Bucket] = []
         if compression == "fp16" and comm.size > 1:
@@ -87,8 +93,7 @@ class GradientExchange:
         (of the buckets started and not yet complete; finish() waits on every bucket)."""
         if self._started:
             self._started = [b for b in self._started if not b.pending.test()]
-        bucket = self._by_layer.get(layer_index) if self.overlap else None
-        if bucket is not None:
+        for bucket in self._by_layer.get(layer_index, ()) if self.overlap else ():
             grads = self.model.grad_buffer[bucket.start : bucket.stop]
             bucket.pending = self.comm.iallreduce_sum(grads)
             self._started.append(bucket)
@@ -118,8 +123,9 @@ class GradientExchange:
                 b.pending.wait()
                 b.pending = None
             self._started.clear()
-        else:
-            self.comm.allreduce_sum(grads)
+        else:  # one bucket for the whole buffer, unless frozen spans split it
+            for b in self.buckets:
+                self.comm.allreduce_sum(grads[b.start : b.stop])
         return 1.0 / global_batch_size
 
     def _exchange_fp16(self, b: Bucket, peak: float) -> None:

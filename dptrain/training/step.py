@@ -35,6 +35,21 @@ from .guards import GradientGuard
 PHASES = ("forward", "backward", "exchange", "optimizer")  # the order of TrainingStep.phase_seconds
 
 
+def without(spans, holes) -> list[tuple[int, int]]:
+    """The (lo, hi) ``spans`` with the (lo, hi) ``holes`` cut out."""
+    result = []
+    for lo, hi in spans:
+        for h_lo, h_hi in sorted(holes):
+            if h_hi <= lo or h_lo >= hi:
+                continue
+            if h_lo > lo:
+                result.append((lo, h_lo))
+            lo = max(lo, h_hi)
+        if lo < hi:
+            result.append((lo, hi))
+    return result
+
+
 class StepTimes(NamedTuple):
     """perf_counter marks of one step: forward + loss [t0, t1], backward [t1, t2], gradient exchange
     [t2, t3] of which [tw, t3] blocked in wait(), optimizer (checks and update) [t3, t4]."""
@@ -84,6 +99,8 @@ class TrainingStep:
         self.model, self.loss, self.optimizer, self.data, self.comm = model, loss, optimizer, data, comm
         self.accumulate, self.lr_schedule, self.stop_requested = accumulate, lr_schedule, stop_requested
         model.bind_allreduce(comm.allreduce_sum)  # synchronized BatchNorm sums over the global batch
+        if model.frozen:  # frozen parameters: no weight decay either (their gradient is 0, their state too)
+            optimizer.decay_only(without(optimizer.decay_ranges or [(0, model.n_params)], model.frozen_spans))
         self.exchange = GradientExchange(comm, model, int(bucket_mb * 2**20), compression)
         self.sharded = ShardedUpdate(comm, model, optimizer) if shard_optimizer else None
         self.guard = GradientGuard(comm, model, self.sharded, clip_norm)
