@@ -20,8 +20,9 @@ from dptrain.errors import EXIT_REQUEUE, ExitQuietly
 from dptrain.parallel.agreement import agreed
 from dptrain.storage.lock import RunLock
 from dptrain.storage.rundir import choose_out_dir, find_checkpoint, set_up_out_dir
-from dptrain.training.callbacks import MetricsLogger, ProgressBar, Timeline
+from dptrain.training.callbacks import MetricsLogger, ProgressBar, TensorBoardLogger, Timeline
 from dptrain.training.callbacks.metrics import summary_line
+from dptrain.training.callbacks.tensorboard import check_available as check_tensorboard
 from dptrain.training.evaluation import VALIDATION_KEYS
 
 from .build import build_parts, build_trainer
@@ -58,7 +59,9 @@ def run_training(comm, request: TrainRequest, stop_signals, echo: Callable[..., 
     # rank 0 writes metrics.jsonl, metrics.csv and summary.json; prints progress (a bar on a terminal)
     metrics = MetricsLogger(out_dir, every_steps=config.log.every_steps)
     progress = None if r.quiet else ProgressBar(every_steps=config.log.every_steps, echo=echo)
-    callbacks = [c for c in (progress, metrics, Timeline(r.timeline) if r.timeline else None) if c is not None]
+    tensorboard = TensorBoardLogger(every_steps=config.log.every_steps) if config.log.tensorboard else None
+    callbacks = [c for c in (progress, metrics, tensorboard, Timeline(r.timeline) if r.timeline else None)
+                 if c is not None]
     trainer = build_trainer(config, model, parts.loss, parts.optimizer, train_set, val_set, comm, out_dir=out_dir,
                             stop_on_signals=stop_signals, callbacks=callbacks,
                             log=None if r.quiet else progress.write)
@@ -107,6 +110,8 @@ def _train(comm, r: TrainRequest, config, trainer, checkpoint, metrics, out_dir:
 def _set_up(comm, r: TrainRequest, info, echo):
     """(config, run parts, run folder and checkpoint to resume from: on rank 0, else None and None)."""
     config = load_config(r.config_path, r.overrides)
+    if config.log.tensorboard and comm.rank == 0:
+        check_tensorboard()
     parts = build_parts(config, comm.size)
     out_dir, checkpoint = None, None
     if comm.rank == 0:

@@ -138,6 +138,7 @@ class LogConfig:
     """[log]: how often progress lines and metrics rows are written."""
 
     every_steps: int = 50  # a metrics row (and, off a terminal, a progress line) every N steps; 0 = per epoch only
+    tensorboard: bool = False  # TensorBoard event files in <out>/tensorboard (rank 0; needs dptrain[tensorboard])
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
-"""Callbacks that watch a run: the progress bar, the metrics files and the Chrome-trace timeline."""
+"""Callbacks that watch a run: the progress bar, the metrics files, TensorBoard and the Chrome-trace timeline."""
 
 from dptrain.training.callback import Callback
 
 from .metrics import MetricsLogger
 from .progress import ProgressBar
+from .tensorboard import TensorBoardLogger
 from .timeline import Timeline
 
-__all__ = ["Callback", "MetricsLogger", "ProgressBar", "Timeline"]
+__all__ = ["Callback", "MetricsLogger", "ProgressBar", "TensorBoardLogger", "Timeline"]
