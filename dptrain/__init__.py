@@ -20,10 +20,10 @@ from .nn import __all__ as _nn_names
 from .optim import SGD, Adam, AdamW, RMSprop, make_schedule, scaled_lr
 from .parallel.comm import make_comm
 from .training import Callback, CheckpointPolicy, EarlyStopping, Trainer, evaluate
-from .training.callbacks import MetricsLogger, ProgressBar, TensorBoardLogger, Timeline
+from .training.callbacks import MetricsLogger, MLflowLogger, ProgressBar, TensorBoardLogger, Timeline
 
 __all__ = [
     *_nn_names, "SGD", "Adam", "AdamW", "RMSprop", "Callback", "CheckpointPolicy", "Config", "EarlyStopping",
-    "MetricsLogger", "generate", "ProgressBar", "TensorBoardLogger", "Timeline", "Trainer", "evaluate", "load_config",
-    "make_comm", "make_schedule", "scaled_lr", "__version__",
+    "MetricsLogger", "MLflowLogger", "generate", "ProgressBar", "TensorBoardLogger", "Timeline", "Trainer", "evaluate",
+    "load_config", "make_comm", "make_schedule", "scaled_lr", "__version__",
 ]

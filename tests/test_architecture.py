@@ -40,6 +40,7 @@ THIRD_PARTY = {
     "dptrain.data": {"numpy", "sklearn", "mnist1d"},  # the datasets' own packages (mnist1d: an optional extra)
     "dptrain.app.export": {"numpy", "onnx", "safetensors"},  # the export formats' packages (the export extra)
     "dptrain.training.callbacks.tensorboard": {"numpy", "tensorboardX"},  # the tensorboard extra
+    "dptrain.training.callbacks.mlflow_logger": {"numpy", "mlflow"},  # the mlflow extra
 }
 ALWAYS = {"numpy", "scipy", "threadpoolctl", "tqdm", "sklearn", "matplotlib", "tomli"}  # tqdm: the progress bar
 

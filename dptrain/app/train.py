@@ -20,8 +20,9 @@ from dptrain.errors import EXIT_REQUEUE, ExitQuietly
 from dptrain.parallel.agreement import agreed
 from dptrain.storage.lock import RunLock
 from dptrain.storage.rundir import choose_out_dir, find_checkpoint, set_up_out_dir
-from dptrain.training.callbacks import MetricsLogger, ProgressBar, TensorBoardLogger, Timeline
+from dptrain.training.callbacks import MetricsLogger, MLflowLogger, ProgressBar, TensorBoardLogger, Timeline
 from dptrain.training.callbacks.metrics import summary_line
+from dptrain.training.callbacks.mlflow_logger import check_available as check_mlflow
 from dptrain.training.callbacks.tensorboard import check_available as check_tensorboard
 from dptrain.training.evaluation import VALIDATION_KEYS
 
@@ -60,7 +61,8 @@ def run_training(comm, request: TrainRequest, stop_signals, echo: Callable[..., 
     metrics = MetricsLogger(out_dir, every_steps=config.log.every_steps)
     progress = None if r.quiet else ProgressBar(every_steps=config.log.every_steps, echo=echo)
     tensorboard = TensorBoardLogger(every_steps=config.log.every_steps) if config.log.tensorboard else None
-    callbacks = [c for c in (progress, metrics, tensorboard, Timeline(r.timeline) if r.timeline else None)
+    mlflow = MLflowLogger(every_steps=config.log.every_steps) if config.log.mlflow else None
+    callbacks = [c for c in (progress, metrics, tensorboard, mlflow, Timeline(r.timeline) if r.timeline else None)
                  if c is not None]
     trainer = build_trainer(config, model, parts.loss, parts.optimizer, train_set, val_set, comm, out_dir=out_dir,
                             stop_on_signals=stop_signals, callbacks=callbacks,
@@ -112,6 +114,8 @@ def _set_up(comm, r: TrainRequest, info, echo):
     config = load_config(r.config_path, r.overrides)
     if config.log.tensorboard and comm.rank == 0:
         check_tensorboard()
+    if config.log.mlflow and comm.rank == 0:
+        check_mlflow()
     parts = build_parts(config, comm.size)
     out_dir, checkpoint = None, None
     if comm.rank == 0:

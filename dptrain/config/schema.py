@@ -139,6 +139,7 @@ class LogConfig:
 
     every_steps: int = 50  # a metrics row (and, off a terminal, a progress line) every N steps; 0 = per epoch only
     tensorboard: bool = False  # TensorBoard event files in <out>/tensorboard (rank 0; needs dptrain[tensorboard])
+    mlflow: bool = False  # params, metrics, final checkpoint to MLFLOW_TRACKING_URI, else <out>/mlruns (needs dptrain[mlflow])
 
 
 @dataclass(frozen=True)
