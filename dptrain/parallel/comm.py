@@ -200,8 +200,9 @@ class MPIComm:
         self._complete(start(), call)
 
     def _complete(self, request, call: Call) -> None:
-        """Wait for ``request``: at full speed for SPIN_S, then testing every NAP_S, so a long wait
-        does not burn a core; the watchdog ends the job if it lasts longer than ``timeout_s``."""
+        """Wait for ``request``: testing it at full speed (yielding the core between tests) for SPIN_S,
+        then every NAP_S, so a long wait does not burn a core; the watchdog ends the job if it lasts
+        longer than ``timeout_s``."""
         if not request.Test():
             flight = self.flight
             flight.waiting_since = started = time.monotonic()
@@ -211,6 +212,8 @@ class MPIComm:
                     time.sleep(NAP_S)
                     if not self._watched_by_thread:
                         self.watchdog.check()
+                else:  # on a node with more ranks than cores, the rank waited for gets the core
+                    os.sched_yield()
             flight.waiting = None
         self.flight.end(call)
 
