@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from dptrain.config import load_config
-from dptrain.runtime.sysinfo import blas_libraries, gather_hostnames, threads
+from dptrain.runtime.sysinfo import blas_libraries, threads
 from dptrain.runtime.threads import available_cores
+from dptrain.runtime.units import format_bytes
 
 from .build import build_model, build_optimizer, load_dataset
 
@@ -36,7 +37,7 @@ ALLREDUCE_REPEATS = 5
 def run_checks(comm, out: str, config_path: str | None, overrides: tuple[str, ...] = ()) -> tuple[list[str], bool]:
     """Collective. (lines, every check passed): rank 0's are the ones to print."""
     results: list[tuple[str, bool, str]] = []  # (check, ok, what it found or the problem and the fix)
-    hosts = gather_hostnames(comm)
+    hosts = [host for host, _ in comm.peers]
     per_host = Counter(hosts)
     results.append(_mpi(comm))
     results.append(("hosts", True, f"{len(per_host)} node{'s' if len(per_host) > 1 else ''}: "
@@ -167,15 +168,7 @@ def _free_space(out: Path, config_path, overrides) -> tuple[str, bool, str]:
     one = model.param_buffer.nbytes + model.state_buffer.nbytes + sum(a.nbytes for a in optimizer.state_dict().values())
     needed = one * (config.checkpoint.keep + 1)
     free = shutil.disk_usage(out).free
-    text = f"{_size(free)} free, checkpoints need {_size(needed)} ({config.checkpoint.keep} kept + 1 being written)"
+    text = f"{format_bytes(free)} free, checkpoints need {format_bytes(needed)} ({config.checkpoint.keep} kept + 1 being written)"
     if free < needed:
         return "free space", False, text + ": free some space, lower checkpoint.keep, or choose another folder"
     return "free space", True, text
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"

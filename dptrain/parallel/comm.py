@@ -26,6 +26,7 @@ import numpy as np
 
 from dptrain.errors import EXIT_ENVIRONMENT, CollectiveError, ExitQuietly, UserError, environment_message
 from dptrain.runtime import rank_warnings
+from dptrain.runtime.sysinfo import HOSTNAME_BYTES
 
 from .flight import Call, FlightRecorder
 from .watchdog import Watchdog
@@ -184,15 +185,17 @@ class MPIComm:
         rank_warnings.install(self.rank)
 
     def _gather_peers(self) -> list[tuple[str, int]]:
-        """(host, pid) of every rank, for the watchdog's report: gathered once, while all are alive."""
-        mine = np.zeros(72, dtype=np.uint8)
-        host = socket.gethostname().encode()[:64]
+        """(host, pid) of every rank (``peers``: the watchdog's report, the hosts of info and doctor),
+        gathered once at start-up, while all are alive; fixed-size bytes, no pickling."""
+        width = HOSTNAME_BYTES + 8
+        mine = np.zeros(width, dtype=np.uint8)
+        host = socket.gethostname().encode()[:HOSTNAME_BYTES]
         mine[: len(host)] = np.frombuffer(host, dtype=np.uint8)
-        mine[64:] = np.array([os.getpid()], dtype=np.int64).view(np.uint8)
-        table = np.empty((self.size, 72), dtype=np.uint8)
+        mine[HOSTNAME_BYTES:] = np.array([os.getpid()], dtype=np.int64).view(np.uint8)
+        table = np.empty((self.size, width), dtype=np.uint8)
         self.comm.Allgather(mine, table)
-        return [(bytes(row[:64]).rstrip(b"\0").decode(errors="replace"), int(row[64:].view(np.int64)[0]))
-                for row in table]
+        return [(bytes(row[:HOSTNAME_BYTES]).rstrip(b"\0").decode(errors="replace"),
+                 int(row[HOSTNAME_BYTES:].view(np.int64)[0])) for row in table]
 
     def _run(self, op: str, buf: np.ndarray, start) -> None:
         """Start a non-blocking collective (``start()`` returns its request) and complete it, bounded."""

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dptrain.runtime.units import format_bytes
+
 #: the operations a communicator records, in the order of their codes
 OPERATIONS = ("allreduce_sum", "allreduce_max", "iallreduce_sum", "broadcast", "allgather", "alltoall",
               "reduce_scatter_sum", "allgatherv", "gatherv", "barrier")
@@ -93,11 +95,3 @@ def lines_from_array(table: np.ndarray) -> list[str]:
         took = "not complete" if duration < 0 else f"{duration / 1e3:.1f} ms"
         lines.append(f"#{seq} {OPERATIONS[op]} {format_bytes(nbytes)}, step {step}, {took}")
     return lines
-
-
-def format_bytes(n: int) -> str:
-    """e.g. "8 B", "3.0 kB", "1.5 MB"."""
-    for unit, scale in (("MB", 1 << 20), ("kB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"

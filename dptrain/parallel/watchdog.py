@@ -33,8 +33,9 @@ import time
 import numpy as np
 
 from dptrain.errors import EXIT_TIMEOUT
+from dptrain.runtime.units import format_bytes
 
-from .flight import OPERATIONS, format_bytes
+from .flight import OPERATIONS
 
 DEFAULT_TIMEOUT_S = 600.0  # as NCCL's default: long enough for a slow checkpoint or a first data load
 NOTICE, PRINTED = 7101, 7102  # side-channel tags

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import platform
-import socket
 import sys
 from collections import Counter
 from importlib import metadata
@@ -100,15 +99,6 @@ def cpu_info() -> dict[str, Any]:
     return {"model": cpu_model(), "cores": available_cores(), "logical_cpus": os.cpu_count()}
 
 
-def gather_hostnames(comm) -> list[str]:
-    """Collective: every rank's host name, in rank order (a fixed-size byte array each, no pickling)."""
-    raw = socket.gethostname().encode()[:HOSTNAME_BYTES]
-    buf = np.zeros(HOSTNAME_BYTES, dtype=np.uint8)
-    buf[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
-    rows = comm.allgather(buf)
-    return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in rows]
-
-
 def threads(comm, blas: list[dict[str, Any]]) -> tuple[int | None, str]:
     """BLAS/OpenMP threads per rank, and what set them (:func:`dptrain.runtime.threads.describe_threads`):
     the user's variables, dptrain's cap under MPI (``comm.thread_limit``), or the library's default.
@@ -122,7 +112,7 @@ def threads(comm, blas: list[dict[str, Any]]) -> tuple[int | None, str]:
 
 def collect(comm) -> dict[str, Any]:
     """Collective under MPI. The report as plain data (what ``dptrain info --json`` prints)."""
-    hosts = gather_hostnames(comm)
+    hosts = [host for host, _ in comm.peers]  # gathered when the communicator was made
     per_node = Counter(hosts)
     blas = blas_libraries()
     n_threads, threads_set_by = threads(comm, blas)

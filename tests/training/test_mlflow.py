@@ -3,10 +3,11 @@ checkpoint as an artifact, and one MLflow run across a resume with each step onc
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
+
+from dptrain.training.callbacks.metrics import read_rows
 
 from helpers import invoke
 
@@ -26,11 +27,6 @@ def _history(client, run_id):
             for key in metrics}
 
 
-def _epoch_rows(out):
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["kind"] == "epoch"]
-
-
 def test_params_metrics_and_the_final_checkpoint_are_logged_in_the_run_folder(tmp_path):
     out = tmp_path / "run"
     assert invoke("train", "--out", out, *RUN).exit_code == 0
@@ -41,7 +37,7 @@ def test_params_metrics_and_the_final_checkpoint_are_logged_in_the_run_folder(tm
     assert run.data.params["optim.lr"] == "0.05" and run.data.params["train.epochs"] == "3"
     history = _history(client, run_id)
     assert [step for step, _ in history["train_loss"]] == list(range(10, 70, 10))
-    epochs = _epoch_rows(out)
+    epochs = [r for r in read_rows(out) if r["kind"] == "epoch"]
     assert history["val_loss"] == [(r["step"], pytest.approx(r["val_loss"])) for r in epochs]
     artifacts = [a.path for a in client.list_artifacts(run_id, "checkpoint")]
     assert "checkpoint/model.npz" in artifacts and "checkpoint/meta.json" in artifacts

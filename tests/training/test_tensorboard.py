@@ -4,10 +4,11 @@ only rank 0 writing."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
+
+from dptrain.training.callbacks.metrics import read_rows
 
 from helpers import dptrain, invoke, needs_mpiexec
 
@@ -24,11 +25,6 @@ def _scalars(folder):
     return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
 
 
-def _epoch_rows(out):
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["kind"] == "epoch"]
-
-
 def test_the_scalars_are_those_of_the_metrics_files(tmp_path):
     out = tmp_path / "run"
     assert invoke("train", "--out", out, *RUN).exit_code == 0
@@ -36,7 +32,7 @@ def test_the_scalars_are_those_of_the_metrics_files(tmp_path):
     assert {"train/loss", "lr", "samples_per_s", "step_ms/forward", "step_ms/backward", "step_ms/exchange",
             "step_ms/optimizer", "epoch/train_loss", "val/loss", "val/accuracy"} <= set(scalars)
     assert [step for step, _ in scalars["train/loss"]] == list(range(10, 70, 10))
-    epochs = _epoch_rows(out)
+    epochs = [r for r in read_rows(out) if r["kind"] == "epoch"]
     assert [step for step, _ in scalars["val/loss"]] == [r["step"] for r in epochs]
     for (_, value), row in zip(scalars["val/accuracy"], epochs):
         assert value == pytest.approx(row["val_accuracy"], rel=1e-6)  # stored as float32
@@ -64,4 +60,5 @@ def test_only_rank_0_writes(tmp_path):
     result = dptrain("train", "--out", str(out), *RUN, ranks=2)
     assert result.returncode == 0, result.stderr
     assert len(list((out / "tensorboard").iterdir())) == 1
-    assert [step for step, _ in _scalars(out / "tensorboard")["val/loss"]] == [r["step"] for r in _epoch_rows(out)]
+    epoch_steps = [r["step"] for r in read_rows(out) if r["kind"] == "epoch"]
+    assert [step for step, _ in _scalars(out / "tensorboard")["val/loss"]] == epoch_steps
