@@ -92,6 +92,12 @@ def _table(cls: type, prefix: str) -> list[str]:
     return rows
 
 
+def _doc(section: type) -> str:
+    """A section's docstring after its "[name]:", capitalised, on one line."""
+    doc = " ".join((inspect.getdoc(section) or "").split(":", 1)[-1].split())
+    return doc[:1].upper() + doc[1:]
+
+
 def reference_markdown() -> str:
     """The whole reference, as Markdown."""
     out = [HEADER]
@@ -101,9 +107,12 @@ def reference_markdown() -> str:
         section = hints[f.name]
         if not is_dataclass(section):
             continue
-        doc = (inspect.getdoc(section) or "").split(":", 1)[-1].strip()
-        doc = doc[:1].upper() + doc[1:]
-        out += [f"## [{f.name}]", "", doc, "", *_table(section, f"{f.name}."), ""]
+        out += [f"## [{f.name}]", "", _doc(section), "", *_table(section, f"{f.name}."), ""]
+        inner = get_type_hints(section)
+        for g in fields(section):  # a table inside the section, e.g. [data.augment]
+            if is_dataclass(inner[g.name]):
+                name = f"{f.name}.{g.name}"
+                out += [f"### [{name}]", "", _doc(inner[g.name]), "", *_table(inner[g.name], f"{name}."), ""]
     out += ["## Layer tables (`model.layers`)", "",
             "Each table has a `type` and that type's keys; the output layer is added after the last one.",
             'A size is an integer or a pair `[h, w]`. Example: `{type = "conv2d", filters = 16, kernel = 3, '

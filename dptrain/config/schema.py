@@ -16,7 +16,7 @@ from dptrain.nn import ACTIVATIONS, LOSSES
 from dptrain.optim import OPTIMIZERS
 from dptrain.training.evaluation import VALIDATION_KEYS
 
-DATASETS = ("digits", "synthetic", "npz", "csv", "diabetes", "text", "mnist1d")
+DATASETS = ("digits", "synthetic", "npz", "csv", "diabetes", "text", "mnist1d", "images")
 ACTIVATION_NAMES = tuple(ACTIVATIONS)  # the choices of model.activation, train.loss and optim.name
 LOSS_NAMES = tuple(LOSSES)
 OPTIMIZER_NAMES = tuple(OPTIMIZERS)
@@ -26,14 +26,32 @@ COMPRESSIONS = ("none", "fp16")
 DECAYS = ("all", "matrices")
 MAX_WIDTH = 2**20  # layer widths, features and classes: beyond this a typo, not a model
 MAX_SYNTHETIC_VALUES = 2**28  # 2 GiB of float64 synthetic features
+MAX_IMAGE_SIDE = 2**14  # data.image_size: beyond this a typo, not an image
+MAX_PREFETCH = 64  # data.prefetch: batches prepared ahead
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """[data.augment]: what training samples of shape (C, H, W) go through; evaluation and predict never augment.
+
+    Every random choice is a pure function of (seed, epoch, sample), so a run ends with the same weights on any
+    number of ranks and resumes bitwise. Written as a table, e.g. `augment = {crop_padding = 4, hflip = true}`.
+    """
+
+    crop_padding: int = 0  # pad each side by this many zero pixels, then crop a random window of the original size; 0 = off
+    hflip: bool = False  # flip half of the samples left to right
+    # subtract each channel's mean and divide by its std, both of the training split (in the checkpoint; also at eval and predict)
+    normalize: bool = False
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """[data]: the dataset, its split into training and validation, its order."""
 
-    name: str = "digits"  # digits | synthetic | npz | csv | diabetes | text | mnist1d
-    path: str = ""  # the .npz file, for name = "npz"; the .csv file, for name = "csv"; the UTF-8 file, for "text"
+    name: str = "digits"  # digits | synthetic | npz | csv | diabetes | text | mnist1d | images
+    # the .npz file, for name = "npz"; the .csv file, for name = "csv"; the UTF-8 file, for "text";
+    # for "images", a folder with one subfolder of images per class, or a CSV of path,label rows
+    path: str = ""
     target: str = ""  # csv: the name of the label column (every other column is a feature)
     # share of samples held out for validation, in [0, 1); text: the end of the file; mnist1d: its test set, always
     val_fraction: float = 0.2
@@ -43,6 +61,12 @@ class DataConfig:
     n_classes: int = 4  # synthetic only
     shape: tuple[int, ...] = ()  # one sample's shape, e.g. [1, 8, 8] for images (C, H, W); [] = flat
     block_size: int = 64  # text: characters per sample (the targets are the next character at each)
+    val_path: str = ""  # images: a separate validation folder (or CSV) instead of data.val_fraction
+    image_size: tuple[int, ...] = ()  # images: resize each to [H, W]; [] = keep their size (all must share it)
+    # images: the folder of the decoded cache; "" = .dptrain-cache beside data.path (if not writable: ~/.cache/dptrain)
+    cache: str = ""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    prefetch: int = 0  # prepare this many local batches ahead in a background thread; 0 = on the step's path
 
 
 @dataclass(frozen=True)

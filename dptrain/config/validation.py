@@ -19,6 +19,8 @@ from .schema import (
     DECAYS,
     DTYPES,
     LOSS_NAMES,
+    MAX_IMAGE_SIDE,
+    MAX_PREFETCH,
     MAX_SYNTHETIC_VALUES,
     MAX_WIDTH,
     MONITORED_METRICS,
@@ -69,6 +71,7 @@ def validate(config: Config, where: str = "config") -> None:
     for i, size in enumerate(d.shape):
         if not 1 <= size <= MAX_WIDTH:
             fail(f"data.shape[{i}]", f"must be in [1, {MAX_WIDTH}], got {size}")
+    _validate_images(config, fail)
     for i, width in enumerate(m.hidden):
         if not 1 <= width <= MAX_WIDTH:
             fail(f"model.hidden[{i}]", f"must be in [1, {MAX_WIDTH}], got {width}")
@@ -139,6 +142,30 @@ def validate(config: Config, where: str = "config") -> None:
         fail("checkpoint.keep", f"must be >= 1, got {c.keep}")
     if config.log.every_steps < 0:
         fail("log.every_steps", f"must be >= 0 (0 = per epoch only), got {config.log.every_steps}")
+
+
+def _validate_images(config: Config, fail) -> None:
+    """data.name = "images" and its keys; augmentation needs samples of shape (C, H, W)."""
+    d, a = config.data, config.data.augment
+    if d.name == "images" and not d.path:
+        fail("data.path", "must name a folder with one subfolder per class, or a CSV of path,label rows, "
+             "when data.name = \"images\"")
+    if d.name == "images" and config.train.loss != "cross_entropy":
+        fail("train.loss", f"is {config.train.loss!r}; images are classified: use \"cross_entropy\"")
+    for key, value in (("data.val_path", d.val_path), ("data.image_size", d.image_size), ("data.cache", d.cache)):
+        if value and d.name != "images":
+            fail(key, f"applies to data.name = \"images\" only (data.name is {d.name!r})")
+    if d.image_size and (len(d.image_size) != 2 or not all(1 <= s <= MAX_IMAGE_SIDE for s in d.image_size)):
+        fail("data.image_size", f"must be [H, W] with each in [1, {MAX_IMAGE_SIDE}], got {list(d.image_size)}")
+    if d.name == "images" and d.shape:
+        fail("data.shape", "is set by the images (channels, height, width): leave it out for data.name = \"images\"")
+    if not 0 <= a.crop_padding <= MAX_IMAGE_SIDE:
+        fail("data.augment.crop_padding", f"must be in [0, {MAX_IMAGE_SIDE}], got {a.crop_padding}")
+    if (a.crop_padding or a.hflip or a.normalize) and d.name != "images" and len(d.shape) != 3:
+        fail("data.augment", "needs samples of shape (C, H, W): data.name = \"images\", or a data.shape of "
+             f"three values (data.shape is {list(d.shape)})")
+    if not 0 <= d.prefetch <= MAX_PREFETCH:
+        fail("data.prefetch", f"must be in [0, {MAX_PREFETCH}] (0 = off), got {d.prefetch}")
 
 
 def _validate_optimizer_keys(o: OptimConfig, where: str) -> None:

@@ -9,6 +9,7 @@ reads only the rows of its own shards and the ranks of a node share the file's p
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -46,13 +47,25 @@ class Dataset:
         #: the data's own (training rows, validation rows), used instead of the seeded random split:
         #: a text's contiguous parts, MNIST-1D's standard split; None for the others (whole datasets only)
         self.split: tuple[np.ndarray, np.ndarray] | None = None
+        self.classes: tuple[str, ...] | None = None  # images: the class names the class ids stand for
+        self.sample_shape: tuple[int, ...] | None = None  # images: one sample's (C, H, W); None: data.shape's
+        #: training only: ``augment(x (n, C, H, W), file rows (n,), epoch) -> (n, C, H, W)`` applied by
+        #: ``take(..., epoch=e)`` to converted rows before ``x_transform``; a pure function of its arguments
+        self.augment: Callable[[np.ndarray, np.ndarray, int], np.ndarray] | None = None
+        #: applied in place to every (n, D) block of converted features read (images: pixels to [0, 1], normalised)
+        self.x_transform: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def _copy_attributes(self, other: Dataset) -> Dataset:
+        """``other`` with this dataset's descriptive attributes (vocabulary, classes, shape, transforms)."""
+        other.vocab, other.classes, other.sample_shape = self.vocab, self.classes, self.sample_shape
+        other.augment, other.x_transform = self.augment, self.x_transform
+        return other
 
     def _view(self, rows: np.ndarray | None, x_casts: tuple[np.dtype, ...],
               y_casts: tuple[np.dtype, ...]) -> Dataset:
         view = Dataset(self.base_x, self.base_y, self.n_classes, self.source)
         view.rows, view._x_casts, view._y_casts, view._finite = rows, x_casts, y_casts, self._finite
-        view.vocab = self.vocab
-        return view
+        return self._copy_attributes(view)
 
     def __len__(self) -> int:
         return len(self.base_x) if self.rows is None else len(self.rows)
@@ -91,23 +104,35 @@ class Dataset:
     @property
     def x(self) -> np.ndarray | RowView:
         """The features this dataset stands for: base_x itself, or a RowView reading it on demand."""
-        return self.base_x if self.rows is None and not self._x_casts else RowView(self, "x")
+        plain = self.rows is None and not self._x_casts and self.x_transform is None
+        return self.base_x if plain else RowView(self, "x")
 
     @property
     def y(self) -> np.ndarray | RowView:
         return self.base_y if self.rows is None and not self._y_casts else RowView(self, "y")
 
-    def take(self, indices) -> tuple[np.ndarray, np.ndarray]:
+    def take(self, indices, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Rows ``indices`` as (x of shape (n, D), y): what a rank reads for its shard of a batch.
 
         Reads only those rows of the arrays (of the file, when memory-mapped), then converts them.
+        With ``epoch`` (training) and an ``augment``, the samples are augmented as in that epoch;
+        without (evaluation, prediction) they never are.
         """
         file_rows = indices if self.rows is None else self.rows[indices]
-        return self._read("x", file_rows), self._read("y", file_rows)
+        x = _convert(self.base_x[file_rows], self._x_casts)
+        if epoch is not None and self.augment is not None:
+            n = len(x)
+            x = self.augment(x.reshape(n, *self.sample_shape), np.asarray(file_rows), epoch).reshape(n, -1)
+        if self.x_transform is not None:
+            x = self.x_transform(x)
+        return x, self._read("y", file_rows)
 
     def _read(self, which: str, file_rows) -> np.ndarray:
         base, casts = (self.base_x, self._x_casts) if which == "x" else (self.base_y, self._y_casts)
-        return _convert(base[file_rows], casts)
+        values = _convert(base[file_rows], casts)
+        if which == "x" and self.x_transform is not None:
+            values = self.x_transform(values)
+        return values
 
     def subset(self, indices) -> Dataset:
         """Rows ``indices`` of this dataset (anything that indexes an array of len(self) rows), without copying."""
@@ -169,9 +194,11 @@ class Dataset:
             return self
         if self.rows is None and not self._x_casts and not self._y_casts:
             return self
-        done = Dataset(np.ascontiguousarray(self.x), np.ascontiguousarray(self.y), self.n_classes, self.source)
-        done._finite, done.vocab = self._finite, self.vocab
-        return done
+        x_rows = slice(None) if self.rows is None else self.rows  # converted, not yet transformed
+        done = Dataset(np.ascontiguousarray(_convert(self.base_x[x_rows], self._x_casts)),
+                       np.ascontiguousarray(self.y), self.n_classes, self.source)
+        done._finite = self._finite
+        return self._copy_attributes(done)
 
     def _all_finite(self) -> bool:
         """Whether every value of x (and of float targets y) this view returns is finite; by chunks."""

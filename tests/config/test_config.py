@@ -484,7 +484,7 @@ def valid_configs(draw):
         seed=draw(st.integers(0, 2**63 - 1)),
         data={
             "name": name,
-            "path": draw(any_text.filter(bool) if name in ("npz", "csv", "text") else any_text),
+            "path": draw(any_text.filter(bool) if name in ("npz", "csv", "text", "images") else any_text),
             "target": draw(any_text.filter(bool) if name == "csv" else any_text),
             "val_fraction": draw(st.floats(min_value=0, max_value=1, exclude_max=True)),
             "shuffle": draw(st.booleans()),
@@ -496,7 +496,7 @@ def valid_configs(draw):
                "activation": draw(st.sampled_from(ACTIVATION_NAMES))},
         train={"epochs": draw(st.integers(1, 10**6)), "batch_size": draw(st.integers(1, 10**6)),
                "dtype": draw(st.sampled_from(DTYPES)),
-               "loss": "cross_entropy" if name == "text" else draw(st.sampled_from(LOSS_NAMES))},
+               "loss": "cross_entropy" if name in ("text", "images") else draw(st.sampled_from(LOSS_NAMES))},
         optim={"lr": draw(positive_floats), "momentum": momentum,
                "nesterov": draw(st.booleans()) and momentum > 0,
                "weight_decay": draw(st.floats(min_value=0, allow_infinity=False))},
