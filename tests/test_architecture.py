@@ -37,7 +37,8 @@ THIRD_PARTY = {
     "dptrain.optim": {"numpy", "scipy", "threadpoolctl"},
     "dptrain.parallel.comm": {"numpy", "mpi4py"},
     "dptrain.cli": {"click"},
-    "dptrain.data": {"numpy", "sklearn", "mnist1d"},  # the datasets' own packages (mnist1d: an optional extra)
+    # the datasets' own packages (optional extras: mnist1d; PIL, Pillow, for data.name = "images")
+    "dptrain.data": {"numpy", "sklearn", "mnist1d", "PIL"},
     "dptrain.app.export": {"numpy", "onnx", "safetensors"},  # the export formats' packages (the export extra)
     "dptrain.training.callbacks.tensorboard": {"numpy", "tensorboardX"},  # the tensorboard extra
     "dptrain.training.callbacks.mlflow_logger": {"numpy", "mlflow"},  # the mlflow extra

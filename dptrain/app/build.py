@@ -14,6 +14,7 @@ from dptrain import data as data_mod
 from dptrain.config import Config
 from dptrain.config.layers import make_layer
 from dptrain.data import Dataset, steps_per_epoch
+from dptrain.data.normalize import Normalize
 from dptrain.errors import UserError
 from dptrain.nn import ACTIVATIONS, LOSSES, Dense, Embedding, Flatten, Loss, Sequential
 from dptrain.optim import OPTIMIZERS, hyperparameter_names
@@ -21,17 +22,22 @@ from dptrain.optim.schedules import Schedule, make_schedule, scaled_lr
 from dptrain.training.early_stopping import EarlyStopping
 from dptrain.training.trainer import CheckpointPolicy, Trainer
 
+from .image_cache import ImageData, image_dataset, prepare_images
+
 _MODEL_INIT_STREAM = 10
 MAX_PARAMS = 2**31  # the flat buffers are indexed with int32 offsets by many BLAS builds
 
 
-def load_dataset(config: Config) -> Dataset:
+def load_dataset(config: Config, images: tuple[ImageData, np.ndarray] | None = None) -> Dataset:
     """The whole dataset named by ``config.data`` (float64 features), before the split.
 
     An uncompressed .npz or a folder of .npy files stays memory-mapped: nothing is read here but
-    the checks, which scan it a chunk at a time.
+    the checks, which scan it a chunk at a time. Images come from their cache (``images``: what
+    :func:`prepare_images` returned, which a job of several ranks calls first; alone, it is called here).
     """
     d = config.data
+    if d.name == "images":
+        return image_dataset(*(images if images is not None else prepare_images(config)))
     if d.name == "digits":
         return data_mod.load_digits()
     if d.name == "synthetic":
@@ -61,8 +67,30 @@ def train_val_split(config: Config, dataset: Dataset) -> tuple[Dataset, Dataset]
     if len(train_idx) == 0:
         raise UserError(f"data {dataset.source}: no training samples left after data.val_fraction = "
                         f"{config.data.val_fraction}")
+    dataset = with_normalization(config, dataset, train_idx)
     dataset = dataset.converted(config.train.dtype)  # in memory: converted once, not at every step
-    return dataset.subset(train_idx), dataset.subset(val_idx)
+    train_set, val_set = dataset.subset(train_idx), dataset.subset(val_idx)
+    a = config.data.augment
+    if a.crop_padding or a.hflip:  # training rows only: evaluation and predict never augment
+        train_set.augment = data_mod.Augment(config.seed, crop_padding=a.crop_padding, hflip=a.hflip)
+        train_set.sample_shape = train_set.sample_shape or tuple(config.data.shape)
+    return train_set, val_set
+
+
+def with_normalization(config: Config, dataset: Dataset, train_rows: np.ndarray) -> Dataset:
+    """``dataset`` whose features are scaled as the run reads them: images' pixels to [0, 1], and
+    with ``data.augment.normalize`` each channel by the mean and std of the training rows."""
+    shape = dataset.sample_shape or tuple(config.data.shape)
+    scale = 1 / 255 if dataset.sample_shape is not None else 1.0
+    if config.data.augment.normalize:
+        mean, std = data_mod.channel_stats(dataset.base_x, shape, rows=train_rows, scale=scale)
+    elif scale == 1:
+        return dataset
+    else:
+        mean, std = (), ()
+    dataset = dataset.subset(slice(None))  # a view: the caller's dataset keeps its own reading
+    dataset.x_transform = Normalize.from_stats(scale, mean, std, int(np.prod(shape[1:])))
+    return dataset
 
 
 def build_loss(config: Config, dataset: Dataset) -> Loss:
@@ -84,9 +112,10 @@ def build_loss(config: Config, dataset: Dataset) -> Loss:
     return loss
 
 
-def sample_shape(config: Config, n_features: int) -> tuple[int, ...]:
-    """One sample's shape: ``data.shape`` if given (its product must be the number of features)."""
-    shape = tuple(config.data.shape)
+def sample_shape(config: Config, n_features: int, data_shape: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """One sample's shape: ``data_shape`` (the data's own: images' (C, H, W)), else ``data.shape``
+    if given (its product must be the number of features)."""
+    shape = tuple(data_shape or config.data.shape)
     if not shape:
         return (n_features,)
     if int(np.prod(shape)) != n_features:
@@ -140,13 +169,15 @@ def build_layers(config: Config, in_shape: tuple[int, ...], n_outputs: int) -> l
     return layers
 
 
-def build_model(config: Config, n_features: int, n_outputs: int, init: bool = True) -> Sequential:
-    """The model of ``config`` for samples of ``n_features`` values (shaped by ``data.shape``).
+def build_model(config: Config, n_features: int, n_outputs: int, init: bool = True,
+                data_shape: tuple[int, ...] | None = None) -> Sequential:
+    """The model of ``config`` for samples of ``n_features`` values (shaped by ``data_shape``, the
+    data's own, else by ``data.shape``).
 
     Parameters are drawn from a Generator seeded by ``config.seed`` (the trainer still broadcasts
     rank 0's so every rank starts from the same weights whatever its NumPy).
     """
-    in_shape = sample_shape(config, n_features)
+    in_shape = sample_shape(config, n_features, data_shape)
     layers = build_layers(config, in_shape, n_outputs)
     n_params, shape = 0, in_shape  # counted before anything is allocated
     for layer in layers:
@@ -244,11 +275,12 @@ class RunParts:
     optimizer: object
 
 
-def build_parts(config: Config, world_size: int = 1) -> RunParts:
+def build_parts(config: Config, world_size: int = 1, images: tuple[ImageData, np.ndarray] | None = None) -> RunParts:
     """Data, split, loss, model and optimizer of ``config``; UserError for anything that cannot run
-    (including too few training samples for ``world_size`` ranks, or not enough memory)."""
+    (including too few training samples for ``world_size`` ranks, or not enough memory). ``images``:
+    see :func:`load_dataset`."""
     try:
-        dataset = load_dataset(config)
+        dataset = load_dataset(config, images)
         train_set, val_set = train_val_split(config, dataset)
         if config.eval.batches:  # the fixed subset evaluated during training (dptrain eval takes all of it)
             size = config.eval.batches * config.train.batch_size
@@ -257,7 +289,7 @@ def build_parts(config: Config, world_size: int = 1) -> RunParts:
             raise UserError(f"data {dataset.source}: {len(train_set)} training samples for {world_size} ranks; "
                             f"need at least one per rank")
         loss = build_loss(config, dataset)
-        model = build_model(config, dataset.n_features, dataset.n_outputs)
+        model = build_model(config, dataset.n_features, dataset.n_outputs, data_shape=dataset.sample_shape)
         _check_batch_statistics(config, model, len(train_set))
         try:
             model.freeze(config.model.freeze)

@@ -15,7 +15,7 @@ def model_summary(config_path, overrides) -> str:
     """The layer table of the config's model, and a totals line with the data."""
     config = load_config(config_path, overrides)
     dataset = load_dataset(config)
-    model = build_model(config, dataset.n_features, dataset.n_outputs, init=False)
+    model = build_model(config, dataset.n_features, dataset.n_outputs, init=False, data_shape=dataset.sample_shape)
     lines = summary_table(model)
     lines[-1] += f"; data {dataset.source}: {len(dataset)} samples, {dataset.n_outputs} outputs"
     return "\n".join(lines) + "\n"

@@ -163,7 +163,7 @@ def _free_space(out: Path, config_path, overrides) -> tuple[str, bool, str]:
     the oldest is pruned)."""
     config = load_config(config_path, overrides)
     dataset = load_dataset(config)
-    model = build_model(config, dataset.n_features, dataset.n_outputs, init=False)
+    model = build_model(config, dataset.n_features, dataset.n_outputs, init=False, data_shape=dataset.sample_shape)
     optimizer = build_optimizer(config, model)
     one = model.param_buffer.nbytes + model.state_buffer.nbytes + sum(a.nbytes for a in optimizer.state_dict().values())
     needed = one * (config.checkpoint.keep + 1)

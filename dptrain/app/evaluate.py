@@ -37,7 +37,7 @@ def evaluation_setup(checkpoint_path, data_path, warn=print_warning):
     if len(val_set) == 0:
         raise UserError(f"checkpoint {ckpt.path}: its config has data.val_fraction = 0, no validation split")
     loss = build_loss(config, dataset)
-    model = build_model(config, dataset.n_features, dataset.n_outputs, init=False)
+    model = build_model(config, dataset.n_features, dataset.n_outputs, init=False, data_shape=dataset.sample_shape)
     return ckpt, restore_model(ckpt, model), loss, val_set
 
 

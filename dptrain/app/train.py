@@ -27,6 +27,7 @@ from dptrain.training.callbacks.tensorboard import check_available as check_tens
 from dptrain.training.evaluation import VALIDATION_KEYS
 
 from .build import build_parts, build_trainer
+from .image_cache import prepare_images
 from .init_from import initialise_from, read_weights
 
 
@@ -52,7 +53,10 @@ def run_training(comm, request: TrainRequest, stop_signals, echo: Callable[..., 
     """
     r = request
     info = (lambda line: None) if r.quiet else echo  # what --quiet leaves out
-    config, parts, out_dir, checkpoint = agreed(comm, r.debug, lambda: _set_up(comm, r, info, echo))
+    config = agreed(comm, r.debug, lambda: _load_config(comm, r))
+    # images: every rank lists them; rank 0 decodes them into the cache if needed while the others wait
+    images = prepare_images(config, comm, r.debug, info) if config.data.name == "images" else None
+    config, parts, out_dir, checkpoint = agreed(comm, r.debug, lambda: _set_up(comm, r, config, images, info, echo))
     comm.watchdog.timeout_s = config.comm.timeout_s
     train_set, val_set, model = parts.train_set, parts.val_set, parts.model
     out_dir = Path(comm.broadcast_text(str(out_dir) if comm.rank == 0 else ""))
@@ -109,14 +113,19 @@ def _train(comm, r: TrainRequest, config, trainer, checkpoint, metrics, out_dir:
              f"checkpoint {trainer.last_checkpoint}")
 
 
-def _set_up(comm, r: TrainRequest, info, echo):
-    """(config, run parts, run folder and checkpoint to resume from: on rank 0, else None and None)."""
+def _load_config(comm, r: TrainRequest):
+    """The config of ``r``; the extras its logging needs must be installed (rank 0, which logs)."""
     config = load_config(r.config_path, r.overrides)
     if config.log.tensorboard and comm.rank == 0:
         check_tensorboard()
     if config.log.mlflow and comm.rank == 0:
         check_mlflow()
-    parts = build_parts(config, comm.size)
+    return config
+
+
+def _set_up(comm, r: TrainRequest, config, images, info, echo):
+    """(config, run parts, run folder and checkpoint to resume from: on rank 0, else None and None)."""
+    parts = build_parts(config, comm.size, images)
     out_dir, checkpoint = None, None
     if comm.rank == 0:
         out_dir = choose_out_dir(r.out, r.overwrite, r.resume)

@@ -61,6 +61,14 @@ class Dataset:
         other.augment, other.x_transform = self.augment, self.x_transform
         return other
 
+    def meta(self) -> dict:
+        """What a checkpoint records of the data, for predict and eval to read new inputs as training
+        did: a text's ``vocab``; images' ``classes``, ``sample_shape`` and ``normalize`` (the x_transform)."""
+        found = {"vocab": self.vocab, "classes": list(self.classes) if self.classes else None,
+                 "sample_shape": list(self.sample_shape) if self.sample_shape else None,
+                 "normalize": getattr(self.x_transform, "to_meta", lambda: None)()}
+        return {k: v for k, v in found.items() if v is not None}
+
     def _view(self, rows: np.ndarray | None, x_casts: tuple[np.dtype, ...],
               y_casts: tuple[np.dtype, ...]) -> Dataset:
         view = Dataset(self.base_x, self.base_y, self.n_classes, self.source)

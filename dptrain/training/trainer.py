@@ -325,8 +325,7 @@ class Trainer:
                 world_size=self.comm.size, dtype=str(self.model.dtype), config=self.config,
                 metrics={k: v for k, v in self.last_metrics.items() if k == "train_loss" or k in VALIDATION_KEYS},
                 params=self.model.state_shapes(), version=__version__)
-            if getattr(self.train_data, "vocab", None) is not None:  # a text: what the class ids stand for
-                meta["vocab"] = self.train_data.vocab
+            meta.update(self.train_data.meta())  # what the class ids stand for, how inputs are read
             path = save_checkpoint(self.out_dir / "checkpoints", self.step, self.model.state_arrays(),
                                    state, meta, self.checkpoint_policy.keep)
         self.last_checkpoint = path
