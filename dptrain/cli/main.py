@@ -14,6 +14,7 @@ from dptrain._version import __version__
 
 from .bench import bench
 from .config import config_group
+from .data import data_group
 from .doctor import doctor_command
 from .evaluate import eval_command
 from .export import export_command
@@ -40,5 +41,5 @@ def main(ctx: click.Context) -> None:
 
 
 for command in (train, eval_command, predict_command, sample_command, export_command, launch, bench, model_group, plot_command,
-                info_command, doctor_command, config_group):
+                info_command, doctor_command, config_group, data_group):
     main.add_command(command)

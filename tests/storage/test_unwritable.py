@@ -7,8 +7,6 @@ capabilities that bypass them)."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 
@@ -18,6 +16,8 @@ from click.testing import CliRunner
 
 from dptrain.cli import main
 from dptrain.storage.checkpoint import load_checkpoint, step_dirs
+
+from helpers import without_dac_override
 
 SMALL = ["--set", "train.epochs=2", "--set", "model.hidden=[16]", "--quiet"]
 
@@ -87,18 +87,8 @@ def test_predictions_to_a_read_only_file_system_are_one_line(read_only_run, tmp_
     assert str(output) in line, line
 
 
-def _without_override(argv: list[str]) -> list[str]:
-    """argv run so that file permissions hold: as root, without CAP_DAC_OVERRIDE (setpriv)."""
-    if os.geteuid() != 0:
-        return argv
-    if shutil.which("setpriv") is None:
-        pytest.skip("root without setpriv: permissions cannot be enforced")
-    drop = "-dac_override,-dac_read_search"
-    return ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", *argv]
-
-
 def _dptrain_without_override(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_without_override([sys.executable, "-m", "dptrain", *args]), capture_output=True,
+    return subprocess.run(without_dac_override([sys.executable, "-m", "dptrain", *args]), capture_output=True,
                           text=True, timeout=120)
 
 
