@@ -14,6 +14,7 @@ on 1 or N ranks. Rank 0 gathers the outputs in row order and writes the file.
 
 from __future__ import annotations
 
+import csv
 import math
 import re
 import sys
@@ -24,6 +25,8 @@ import numpy as np
 from dptrain import data as data_mod
 from dptrain.config import Config, config_from_dict
 from dptrain.data import Dataset, check_features, list_names
+from dptrain.data.images import ImageFormat, decode_to_format, list_image_paths, list_images
+from dptrain.data.normalize import Normalize
 from dptrain.errors import UserError
 from dptrain.nn import LOSSES, Sequential
 from dptrain.parallel.comm import SingleProcessComm
@@ -65,11 +68,14 @@ def model_from_checkpoint(ckpt: Checkpoint) -> tuple[Config, Sequential]:
     if not weights or len(weights[-1][1]) != 2:
         raise UserError(f"checkpoint {ckpt.path}: model.npz has no output layer weight (layers.N.weight of "
                         f"shape (in, K))")
+    data_shape = tuple(ckpt.meta.get("sample_shape") or ()) or None  # images: (C, H, W)
     if config.data.name == "text":  # a window of block_size character ids
         n_features = config.data.block_size
+    elif data_shape:
+        n_features = int(np.prod(data_shape))
     else:
         n_features = int(np.prod(config.data.shape)) if config.data.shape else int(weights[0][1][0])
-    model = build_model(config, n_features, int(weights[-1][1][1]), init=False)
+    model = build_model(config, n_features, int(weights[-1][1][1]), init=False, data_shape=data_shape)
     return config, restore_model(ckpt, model)
 
 
@@ -199,12 +205,21 @@ def prediction_table(outputs: np.ndarray, loss_name: str) -> tuple[list[str], np
     return names, np.hstack([row, outputs]), ["%d", *[FLOAT_FORMAT] * k]
 
 
-def write_table_csv(path: str | Path, names: list[str], table: np.ndarray, formats: list[str]) -> Path:
-    """Write a CSV atomically (:func:`dptrain.storage.atomic.write_atomically`): never seen half-written."""
+def write_table_csv(path: str | Path, names: list[str], table: np.ndarray, formats: list[str],
+                    text_columns: dict[str, list[str]] | None = None) -> Path:
+    """Write a CSV atomically (:func:`dptrain.storage.atomic.write_atomically`): never seen half-written.
+    ``text_columns`` (name: one string per row) follow the numeric ones, quoted where CSV needs it."""
 
     def write(fh) -> None:
-        fh.write(",".join(names) + "\n")
-        np.savetxt(fh, table, fmt=formats, delimiter=",")
+        fh.write(",".join([*names, *(text_columns or {})]) + "\n")
+        if not text_columns:
+            np.savetxt(fh, table, fmt=formats, delimiter=",")
+            return
+        line = ",".join(formats)
+        out = csv.writer(fh, lineterminator="\n")
+        for i, row in enumerate(table):
+            fh.write(line % tuple(row) + ",")
+            out.writerow([column[i] for column in text_columns.values()])
 
     return write_atomically(path, write, mode="w")
 
@@ -262,16 +277,66 @@ def load_labelled_data(path: str | Path, config: Config, model: Sequential) -> t
 
 
 def evaluation_inputs(ckpt: Checkpoint, data_path: str | Path) -> tuple[Sequential, object, Dataset]:
-    """(model with the checkpoint's weights, loss, labelled data) to evaluate on another data file."""
+    """(model with the checkpoint's weights, loss, labelled data) to evaluate on another data file,
+    or, for a model trained on images, on another folder (or CSV) of the same classes."""
     config, model = model_from_checkpoint(ckpt)
+    if config.data.name == "images":
+        dataset = labelled_images(ckpt, str(data_path))
+        return model, build_loss(config, dataset), dataset.converted(model.dtype)
     dataset, loss = load_labelled_data(data_path, config, model)
     return model, loss, dataset
 
 
+# ---------------------------------------------------------------------------------------------
+# Images: read as training read them (the checkpoint's classes, sample shape and normalisation)
+
+
+def _image_format(ckpt: Checkpoint) -> ImageFormat:
+    shape = ckpt.meta.get("sample_shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and isinstance(ckpt.meta.get("normalize"), dict)):
+        raise UserError(f"checkpoint {ckpt.path}: meta.json lacks the sample_shape and normalize of its images")
+    return ImageFormat(*(int(v) for v in shape))
+
+
+def _image_rows(ckpt: Checkpoint, files) -> Dataset:
+    """The images of ``files`` as a dataset read like the training images (float64, normalised)."""
+    images = decode_to_format(files, _image_format(ckpt))
+    dataset = Dataset(images.reshape(len(images), -1), files.labels, max(len(ckpt.meta.get("classes", [])), 2),
+                      files.source)
+    dataset._x_casts, dataset._finite = (np.dtype(np.float64),), True
+    dataset.x_transform = Normalize.from_meta(ckpt.meta["normalize"])
+    return dataset
+
+
+def labelled_images(ckpt: Checkpoint, path: str) -> Dataset:
+    """A folder of class folders (or a path,label CSV) of the checkpoint's classes, for ``eval --data``."""
+    return _image_rows(ckpt, list_images(path, classes=tuple(ckpt.meta.get("classes") or ())))
+
+
+def read_inputs(ckpt: Checkpoint, config: Config, model: Sequential, input_path) -> tuple[np.ndarray, list[str]]:
+    """(the rows to predict on, (N, D); the image paths, or [] for a file of features)."""
+    if config.data.name != "images":
+        return read_features(input_path, model.in_features, model.dtype, getattr(config.data, "target", "")), []
+    files = list_image_paths(str(input_path))
+    return np.asarray(_image_rows(ckpt, files).x), list(files.paths)
+
+
+def class_columns(ckpt: Checkpoint, names: list[str], table: np.ndarray, paths: list[str]) -> dict[str, list[str]]:
+    """The text columns of image predictions: each row's class name (the checkpoint's classes) and path."""
+    classes = ckpt.meta.get("classes") or []
+    columns: dict[str, list[str]] = {}
+    if classes and "class" in names:
+        columns["class_name"] = [classes[int(c)] for c in table[:, names.index("class")]]
+    if paths:
+        columns["path"] = paths
+    return columns
+
+
 def prediction_setup(rank: int, checkpoint_path, input_path, output_path, overwrite: bool):
-    """(checkpoint, its config, its model, the checked input rows, the output file on rank 0 or None)."""
+    """(checkpoint, its config, its model, the checked input rows, the output file on rank 0 or None,
+    the image paths: [] for features)."""
     ckpt = load_checkpoint(checkpoint_path, optimizer=False, warn=warn_on_rank0(rank))
     config, model = model_from_checkpoint(ckpt)
-    x = read_features(input_path, model.in_features, model.dtype, getattr(config.data, "target", ""))
+    x, paths = read_inputs(ckpt, config, model, input_path)
     output = check_output_path(output_path, overwrite, input_path) if rank == 0 else None
-    return ckpt, config, model, x, output
+    return ckpt, config, model, x, output, paths

@@ -293,10 +293,39 @@ def _converted(im, channels: int, image_module):
     return im.convert("L" if channels == 1 else "RGB")
 
 
-def decode_image_file(path: str | Path, fmt: ImageFormat) -> np.ndarray:
-    """One image file as uint8 (C, H, W) in ``fmt`` (for predict): resized to its size, in its channels."""
+def list_image_paths(path: str) -> ImageFiles:
+    """Images to predict on, without labels: one image file, every image under a folder (class
+    folders or not, in sorted order), or the first column of a CSV (a header ``path`` is skipped)."""
     p = Path(path)
-    files = ImageFiles(str(path), p.parent, (p.name,), np.zeros(1, np.int64), ("",), np.zeros(1, np.int64),
-                       np.zeros(1, np.int64))
+    where = f"input {path}"
+    if p.is_dir():
+        rel = [name for name, _ in _files_under(p, "", where)]
+        paths, root = tuple(r.lstrip("/") for r in rel), p
+        if not paths:
+            raise UserError(f"{where}: no images in this folder")
+    elif not p.exists():
+        raise UserError(f"{where}: not found")
+    elif p.suffix.lower() == ".csv":
+        try:
+            with open(p, newline="", encoding="utf-8") as fh:
+                first = [row[0].strip() for row in csv.reader(fh) if row and row[0].strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"{where}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+        paths, root = tuple(first[1:] if first and first[0].lower() == "path" else first), p.parent
+        missing = next((q for q in paths if not (root / q).is_file()), None)
+        if missing is not None or not paths:
+            raise UserError(f"{where}: " + (f"image {missing} not found" if paths else "no image paths"))
+    else:
+        paths, root = (p.name,), p.parent
+    zeros = np.zeros(len(paths), dtype=np.int64)
+    return ImageFiles(str(path), root, paths, zeros, (), zeros, zeros)
+
+
+def decode_to_format(files: ImageFiles, fmt: ImageFormat) -> np.ndarray:
+    """Every image of ``files`` as uint8 (N, C, H, W) in the format a model was trained on
+    (resized to its size, in its channels): predict's and eval's inputs."""
     decoder = ImageDecoder(files, (fmt.height, fmt.width))
-    return decoder.decode_one(0, fmt)
+    out = np.empty((len(files), *fmt.shape), dtype=np.uint8)
+    for i in range(len(files)):
+        out[i] = decoder.decode_one(i, fmt)
+    return out
