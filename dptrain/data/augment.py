@@ -1,4 +1,5 @@
-"""Training-time image augmentation whose every choice is a pure function of (seed, epoch, sample).
+"""Training-time image augmentation whose every choice is a pure function of (seed, epoch, sample),
+and the per-channel statistics that normalisation divides by.
 
 :class:`Augment` is the ``Dataset.augment`` hook: ``augment(x (n, C, H, W), rows (n,), epoch)``. As
 torchvision's ``RandomCrop(size, padding=p)`` then ``RandomHorizontalFlip()``, each sample is padded
@@ -24,17 +25,20 @@ and a shift: each offset gets floor or ceil of 2**32 / (2p + 1) of them, so its 
 The flip bit is exactly fair. Turning hflip on or off leaves the offsets as they were.
 
 Measured: 0.4 ms for a batch of 128 x 3 x 32 x 32 float32 with padding 4 and flips, 0.3 ms with
-the crop alone (one thread).
+the crop alone (one thread); channel_stats reads 50,000 such uint8 images in 0.2 s.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from dptrain.runtime.hashing import chain, counters, mix_inplace
+
+from .dataset import CHUNK_BYTES
 
 _KEY = 0xBB67AE8584CAA73B  # start of augmentation's key chain: fractional bits of sqrt(3)
 MAX_PADDING = 2**31 - 1  # (h >> 32) * (2p + 1) must fit in 64 bits
@@ -121,3 +125,69 @@ class Augment:
         windows = sliding_window_view(padded, (height, width), axis=(2, 3))  # (n, C, 2p+1, 2p+1, H, W), a view
         return windows[np.arange(n), :, dy, dx]  # (n, C, H, W), a new array
 
+
+def channel_stats(x, sample_shape: tuple[int, ...], rows=None, chunk_rows: int | None = None,
+                  scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and population std (ddof 0) of rows ``rows`` of ``x``, times ``scale``.
+
+    x : (N, D), an array, perhaps an np.memmap, with D = prod(sample_shape); sample_shape : (C, ...),
+    channels first. rows : the rows to count (None: all). Read ``chunk_rows`` rows at a time (None:
+    about CHUNK_BYTES of working memory). scale : e.g. 1 / 255 for pixels in [0, 255] that the model
+    sees in [0, 1]. Returns (mean (C,), std (C,)), float64.
+
+    Integers of up to 16 bits (uint8 pixels) are summed exactly (the sum and the sum of squares per
+    channel, as integers) and mean = S / n, var = (n Q - S**2) / n**2 are each rounded once, so the
+    result is the same bit for bit on every machine and rank, whatever the chunks and the order of
+    ``rows``. Other dtypes are summed in float64 chunk by chunk, the chunks combined by Chan's
+    formula: the same for the same data, rows and chunks with the same NumPy.
+
+    A channel whose values are all equal has std 0, returned as it is: a caller that divides by
+    std must refuse that channel (or guard the division).
+    """
+    c, d = sample_shape[0], math.prod(sample_shape)
+    if x.ndim != 2 or x.shape[1] != d:
+        raise ValueError(f"channel_stats: x of shape {x.shape} does not hold samples of shape {tuple(sample_shape)}")
+    rows = None if rows is None else np.asarray(rows)
+    n_rows = len(x) if rows is None else len(rows)
+    if n_rows == 0:
+        raise ValueError("channel_stats: no rows")
+    step = max(1, CHUNK_BYTES // (8 * d)) if chunk_rows is None else int(chunk_rows)
+    if step < 1:
+        raise ValueError(f"channel_stats: chunk_rows must be >= 1, got {chunk_rows}")
+    exact = x.dtype.kind == "b" or (x.dtype.kind in "iu" and x.dtype.itemsize <= 2)
+    if exact:  # a chunk's int64 sums of squares (< 2**32 each) must not overflow
+        step = min(step, max(1, 2**31 // (d // c)))
+    blocks = (np.asarray(x[start:start + step] if rows is None else x[rows[start:start + step]]).reshape(-1, c, d // c)
+              for start in range(0, n_rows, step))
+    mean, var = _exact_moments(blocks, c) if exact else _float_moments(blocks, c)
+    return mean * scale, np.sqrt(var) * scale
+
+
+def _exact_moments(blocks, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance per channel of integer blocks (b, C, k), from exact integer sums."""
+    s, q, n = [0] * c, [0] * c, 0
+    for block in blocks:
+        v = block.astype(np.int64)
+        n += v.shape[0] * v.shape[2]
+        s = [a + int(b) for a, b in zip(s, v.sum(axis=(0, 2)))]
+        np.square(v, out=v)
+        q = [a + int(b) for a, b in zip(q, v.sum(axis=(0, 2)))]
+    mean = np.array([si / n for si in s])  # Python's int / int: correctly rounded
+    var = np.array([(n * qi - si * si) / (n * n) for si, qi in zip(s, q)])  # >= 0: exact numerator
+    return mean, var
+
+
+def _float_moments(blocks, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance per channel of blocks (b, C, k), in float64, chunks combined by Chan's formula."""
+    n, mean, m2 = 0, np.zeros(c), np.zeros(c)
+    for block in blocks:
+        v = block.astype(np.float64)
+        nb = v.shape[0] * v.shape[2]
+        mb = v.mean(axis=(0, 2))
+        v -= mb[:, None]
+        m2b = np.einsum("ick,ick->c", v, v)
+        delta, total = mb - mean, n + nb
+        mean = mean + delta * (nb / total)
+        m2 = m2 + m2b + delta * delta * (n * nb / total)
+        n = total
+    return mean, m2 / n

@@ -1,15 +1,16 @@
-"""Augmentation: the crop and flip against a plain per-sample loop, the choices of a sample as a pure
-function of (seed, epoch, row) whatever batch or shard holds it, the documented formula, their
-frequencies."""
+"""Augmentation and channel statistics: the crop and flip against a plain per-sample loop, the
+choices of a sample as a pure function of (seed, epoch, row) whatever batch or shard holds it, the
+documented formula, their frequencies; the statistics exact on pixels, whatever the chunks."""
 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
 
-from dptrain.data import Augment, Dataset
+from dptrain.data import Augment, Dataset, channel_stats
 
 # ---------------------------------------------------------------------------------------------
 # Independent truths: a loop over samples, the hash written out with Python ints
@@ -194,3 +195,107 @@ def test_dataset_take_augments_training_rows_by_file_row():
     plain, _ = view.take(np.array([0, 4, 7]))  # no epoch: evaluation never augments
     np.testing.assert_array_equal(plain, x[rows])
 
+
+# ---------------------------------------------------------------------------------------------
+# Channel statistics
+
+
+def pixels(n=50, shape=(3, 4, 5), seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, math.prod(shape)), dtype=np.uint8)
+
+
+def exact_stats(x, shape):
+    """The correctly rounded mean and std per channel, by Fractions."""
+    v = x.reshape(len(x), shape[0], -1).astype(np.int64)
+    means, stds = [], []
+    for ch in range(shape[0]):
+        values = [int(a) for a in v[:, ch].ravel()]
+        mean = Fraction(sum(values), len(values))
+        var = sum((a - mean) ** 2 for a in values) / len(values)
+        means.append(float(mean))
+        stds.append(math.sqrt(float(var)))
+    return np.array(means), np.array(stds)
+
+
+def test_pixel_stats_are_exact():
+    shape = (3, 4, 5)
+    x = pixels(shape=shape)
+    mean, std = channel_stats(x, shape)
+    assert mean.dtype == std.dtype == np.float64 and mean.shape == std.shape == (3,)
+    emean, estd = exact_stats(x, shape)
+    np.testing.assert_array_equal(mean, emean)
+    np.testing.assert_array_equal(std, estd)
+    v = x.reshape(len(x), 3, -1).astype(np.float64)
+    np.testing.assert_array_equal(mean, v.mean(axis=(0, 2)))  # integer sums are exact in float64 here
+    np.testing.assert_allclose(std, v.std(axis=(0, 2)), rtol=1e-14)
+
+
+def test_pixel_stats_do_not_depend_on_chunks_or_row_order():
+    shape = (3, 4, 5)
+    x = pixels(n=97, shape=shape, seed=3)
+    rows = np.random.default_rng(4).choice(97, 60, replace=False)
+    first = channel_stats(x, shape, rows=rows)
+    for chunk_rows in (1, 7, 60, 1000):
+        for order in (rows, np.sort(rows), rows[::-1]):
+            got = channel_stats(x, shape, rows=order, chunk_rows=chunk_rows)
+            for a, b in zip(got, first):
+                np.testing.assert_array_equal(a, b)
+    for a, b in zip(first, exact_stats(x[rows], shape)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_scale_gives_the_stats_of_scaled_pixels():
+    shape = (3, 2, 2)
+    x = pixels(shape=shape)
+    mean, std = channel_stats(x, shape)
+    smean, sstd = channel_stats(x, shape, scale=1 / 255)
+    np.testing.assert_array_equal(smean, mean * (1 / 255))
+    np.testing.assert_array_equal(sstd, std * (1 / 255))
+    v = (x / 255).reshape(len(x), 3, -1)
+    np.testing.assert_allclose(smean, v.mean(axis=(0, 2)), rtol=1e-14)
+    np.testing.assert_allclose(sstd, v.std(axis=(0, 2)), rtol=1e-13)
+
+
+def test_stats_of_a_memory_mapped_file(tmp_path):
+    shape = (3, 4, 4)
+    x = pixels(n=40, shape=shape, seed=5)
+    np.save(tmp_path / "x.npy", x)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    assert isinstance(mapped, np.memmap)
+    rows = np.arange(0, 40, 3)
+    for a, b in zip(channel_stats(mapped, shape, rows=rows, chunk_rows=4), channel_stats(x[rows], shape)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_float_stats_match_numpy_and_repeat_bitwise():
+    shape = (2, 3, 3)
+    x = np.random.default_rng(6).standard_normal((70, 18)) * 5 + 100
+    v = x.reshape(70, 2, -1)
+    for chunk_rows in (None, 1, 9):
+        mean, std = channel_stats(x, shape, chunk_rows=chunk_rows)
+        np.testing.assert_allclose(mean, v.mean(axis=(0, 2)), rtol=1e-14)
+        np.testing.assert_allclose(std, v.std(axis=(0, 2)), rtol=1e-12)
+        again = channel_stats(x, shape, chunk_rows=chunk_rows)
+        np.testing.assert_array_equal(again[0], mean)
+        np.testing.assert_array_equal(again[1], std)
+    mean32, std32 = channel_stats(x.astype(np.float32), shape, chunk_rows=9)
+    np.testing.assert_allclose(mean32, mean, rtol=1e-6)
+    np.testing.assert_allclose(std32, std, rtol=1e-5)
+
+
+def test_a_constant_channel_has_std_zero():
+    shape = (2, 2, 2)
+    x = pixels(n=10, shape=shape)
+    x[:, :4] = 17  # channel 0 holds one value
+    for data in (x, x.astype(np.float64)):
+        mean, std = channel_stats(data, shape, chunk_rows=3)
+        assert mean[0] == 17 and std[0] == 0 and std[1] > 0
+
+
+def test_channel_stats_refuses_what_it_cannot_count():
+    with pytest.raises(ValueError, match="shape"):
+        channel_stats(pixels(shape=(3, 2, 2)), (3, 2, 3))
+    with pytest.raises(ValueError, match="no rows"):
+        channel_stats(pixels(shape=(3, 2, 2)), (3, 2, 2), rows=np.array([], dtype=int))
+    with pytest.raises(ValueError, match="chunk_rows"):
+        channel_stats(pixels(shape=(3, 2, 2)), (3, 2, 2), chunk_rows=0)
