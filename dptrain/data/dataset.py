@@ -20,7 +20,8 @@ CHUNK_BYTES = 32 * 2**20  # checks that scan every value read this much of the d
 
 # Stream tags keep the random streams of one seed independent of each other.
 # seed streams: 1 the train/validation split, 2 the epoch order (dptrain.parallel.sampler), 3 synthetic data,
-# 4 the evaluation subset
+# 4 the evaluation subset. Augmentation (dptrain.data.augment) and Dropout draw from none of them: they hash
+# (seed, ...) from key chains of their own
 _SPLIT_STREAM, _SYNTHETIC_STREAM, _EVALUATION_STREAM = 1, 3, 4
 
 

@@ -16,6 +16,7 @@ counter-based hash (splitmix64, uint64 arithmetic wrapping modulo 2**64):
 so the elements of one sample are the splitmix64 stream seeded by s_i. ``keep`` is evaluated as
 the equivalent integer test ``h_ij >= ceil(rate * 2**53) << 11`` (exact: rate * 2**53 is exact in
 float64). Kept values are scaled by 1 / (1 - rate), so the expectation of the output is the input.
+The hash is :mod:`dptrain.runtime.hashing`'s (key = ``chain(KEY0, seed, salt, step)``).
 """
 
 from __future__ import annotations
@@ -24,39 +25,16 @@ import math
 
 import numpy as np
 
+from dptrain.runtime.hashing import chain, counters, mix_inplace
+
 from .layers import Layer
 
-_MASK64 = (1 << 64) - 1
-_GAMMA = 0x9E3779B97F4A7C15  # the golden-ratio increment of splitmix64
-_M1 = 0xBF58476D1CE4E5B9
-_M2 = 0x94D049BB133111EB
 _KEY0 = 0x6A09E667F3BCC908  # start of the key chain: fractional bits of sqrt(2), so seed 0 is no fixed point
-
-
-def _mix(v: int) -> int:
-    """The splitmix64 finalizer on a Python int, modulo 2**64 (a bijection of uint64)."""
-    v &= _MASK64
-    v ^= v >> 30
-    v = (v * _M1) & _MASK64
-    v ^= v >> 27
-    v = (v * _M2) & _MASK64
-    return v ^ (v >> 31)
-
-
-def _mix_inplace(v: np.ndarray, tmp: np.ndarray) -> np.ndarray:
-    """The splitmix64 finalizer on a uint64 array, in place; ``tmp`` is scratch of the same shape."""
-    with np.errstate(over="ignore"):
-        np.bitwise_xor(v, np.right_shift(v, np.uint64(30), out=tmp), out=v)
-        np.multiply(v, np.uint64(_M1), out=v)
-        np.bitwise_xor(v, np.right_shift(v, np.uint64(27), out=tmp), out=v)
-        np.multiply(v, np.uint64(_M2), out=v)
-        np.bitwise_xor(v, np.right_shift(v, np.uint64(31), out=tmp), out=v)
-    return v
 
 
 def layer_key(seed: int, salt: int, step: int) -> int:
     """The per-layer, per-step key of the mask hash (see the module docstring)."""
-    return _mix(_mix(_mix(_KEY0 ^ (seed & _MASK64)) ^ (salt & _MASK64)) ^ (step & _MASK64))
+    return chain(_KEY0, seed, salt, step)
 
 
 class Dropout(Layer):
@@ -95,9 +73,7 @@ class Dropout(Layer):
     def _stream(self, n: int) -> np.ndarray:
         stream = self._streams.get(n)
         if stream is None:
-            with np.errstate(over="ignore"):
-                stream = np.arange(1, n + 1, dtype=np.uint64) * np.uint64(_GAMMA)
-            self._streams[n] = stream
+            stream = self._streams[n] = counters(n)
         return stream
 
     def keep_mask(self, step: int, sample_index: np.ndarray, sample_shape: tuple[int, ...]) -> np.ndarray:
@@ -109,11 +85,11 @@ class Dropout(Layer):
         s = self.workspace("s", (batch,), np.uint64)
         np.copyto(s, sample_index, casting="unsafe")  # negative indices wrap, as in C
         np.bitwise_xor(s, np.uint64(layer_key(self.seed, self.salt, step)), out=s)
-        _mix_inplace(s, self.workspace("s_tmp", (batch,), np.uint64))
+        mix_inplace(s, self.workspace("s_tmp", (batch,), np.uint64))
         h = self.workspace("h", (batch, n), np.uint64)
         with np.errstate(over="ignore"):
             np.add(s[:, None], self._stream(n), out=h)
-        _mix_inplace(h, self.workspace("h_tmp", (batch, n), np.uint64))
+        mix_inplace(h, self.workspace("h_tmp", (batch, n), np.uint64))
         keep = np.greater_equal(h, self._threshold, out=self.workspace("keep", (batch, n), np.bool_))
         return keep.reshape((batch, *sample_shape))
 
