@@ -93,25 +93,13 @@ def without_dac_override(argv: list[str]) -> list[str]:
 
 
 def write_digit_images(root: Path, per_class: int | None = 20, size: int = 16, colour: bool = False,
-                       suffix: str = ".png", first: int = 0) -> Path:
-    """scikit-learn's 8x8 digits as image files root/<digit>/<index>.png, upscaled to size x size
-    (nearest), grey or (colour) tinted RGB: ``per_class`` of each digit from sample ``first`` on
-    (None: all of them). Returns root."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
+                       first: int = 0) -> Path:
+    """scikit-learn's digits as PNG files root/<digit>/<index>.png (examples/digits_to_images.py):
+    ``per_class`` of each digit from sample ``first`` on (None: all), size x size, grey or tinted RGB."""
+    import importlib.util
 
-    digits = load_digits()
-    taken = dict.fromkeys(range(10), 0)
-    for i in range(first, len(digits.target)):
-        label = int(digits.target[i])
-        if per_class is not None and taken[label] >= per_class:
-            continue
-        taken[label] += 1
-        pixels = np.kron(digits.images[i], np.ones((size // 8, size // 8))) * (255 / 16)
-        image = pixels.round().astype(np.uint8)
-        if colour:  # each digit its own tint
-            tint = np.array([(label * 37) % 256, (label * 91) % 256, (label * 53 + 80) % 256]) / 255
-            image = (image[..., None] * tint).round().astype(np.uint8)
-        (root / str(label)).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(root / str(label) / f"{i:04d}{suffix}")
+    spec = importlib.util.spec_from_file_location("digits_to_images", REPO / "examples" / "digits_to_images.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.write_digits(root, size, colour, per_class, first)
     return root

@@ -14,7 +14,11 @@ pytestmark = pytest.mark.slow  # each runs an example script to the end
 
 
 def run_example(name: str, cwd, ranks: int | None):
-    argv = [sys.executable, str(REPO / "examples" / name)]
+    return run_example_with([name], cwd, ranks)
+
+
+def run_example_with(args: list[str], cwd, ranks: int | None = None):
+    argv = [sys.executable, str(REPO / "examples" / args[0]), *args[1:]]
     if ranks:
         argv = [MPIEXEC, "-n", str(ranks), *argv]
     result = run(argv, cwd=cwd)
@@ -23,7 +27,19 @@ def run_example(name: str, cwd, ranks: int | None):
 
 
 def test_every_example_is_tested():
-    assert EXAMPLES == ["custom_callback.py", "custom_layer.py", "train_cnn.py", "train_gpt.py", "train_mlp.py"]
+    assert EXAMPLES == ["custom_callback.py", "custom_layer.py", "digits_to_images.py", "train_cnn.py", "train_gpt.py",
+                        "train_mlp.py"]
+
+
+def test_digits_to_images_writes_the_folders_the_builtin_config_reads(tmp_path):
+    lines = run_example_with(["digits_to_images.py", "digits_images"], tmp_path)
+    assert lines == ["wrote 1438 training and 359 validation images (16x16) to digits_images"]
+    train, val = (sorted((tmp_path / "digits_images" / part).rglob("*.png")) for part in ("train", "val"))
+    assert len(train) == 1438 and len(val) == 359 and not {p.name for p in train} & {p.name for p in val}
+    assert sorted(p.name for p in (tmp_path / "digits_images" / "train").iterdir()) == [str(d) for d in range(10)]
+    result = run([sys.executable, "-m", "dptrain", "train", "--config", "digits_images", "--out", "run", "--quiet",
+                  "--set", "train.epochs=1", "--set", "optim.warmup_epochs=0"], cwd=tmp_path)
+    assert result.returncode == 0 and "val_accuracy" in result.stdout, result.stderr
 
 
 def check_train_mlp(lines, folder) -> None:

@@ -117,7 +117,7 @@ def read_config_file(path: str) -> tuple[dict[str, Any], str]:
     when no such file exists (``digits_cnn`` or ``digits_cnn.toml``)."""
     name = path[: -len(".toml")] if path.endswith(".toml") else path
     builtin = _BUILTIN / f"{name}.toml"
-    if not Path(path).exists() and "/" not in path and os.sep not in path and builtin.is_file():
+    if not Path(path).is_file() and "/" not in path and os.sep not in path and builtin.is_file():
         return tomllib.loads(builtin.read_text(encoding="utf-8")), f"config {name} (built-in)"
     try:
         with open(path, "rb") as fh:

@@ -37,7 +37,7 @@ def test_config_list_names_each_builtin_with_its_summary():
     assert result.exit_code == 0
     lines = result.output.splitlines()
     assert [line.split()[0] for line in lines] == ["bench_cnn", "bench_resnet", "diabetes_mlp", "digits_cnn",
-                                                   "digits_mlp", "digits_resnet", "mnist1d_cnn", "mnist1d_gru",
+                                                   "digits_images", "digits_mlp", "digits_resnet", "mnist1d_cnn", "mnist1d_gru",
                                                    "mnist1d_logreg", "mnist1d_mlp", "shakespeare_char"]
     assert "A small CNN" in lines[3]
 
@@ -54,5 +54,12 @@ def test_an_unknown_name_lists_the_builtins():
     result = CliRunner().invoke(main, ["config", "show", "--config", "digits_rnn"])
     assert result.exit_code == 2
     assert result.output == ("error: config digits_rnn: not found (nor a built-in config: bench_cnn, bench_resnet, "
-                             "diabetes_mlp, digits_cnn, digits_mlp, digits_resnet, mnist1d_cnn, mnist1d_gru, "
+                             "diabetes_mlp, digits_cnn, digits_images, digits_mlp, digits_resnet, mnist1d_cnn, mnist1d_gru, "
                              "mnist1d_logreg, mnist1d_mlp, shakespeare_char)\n")
+
+
+def test_a_folder_of_that_name_does_not_hide_the_builtin(tmp_path, monkeypatch):
+    """examples/digits_to_images.py writes its images into a folder named like the config that reads them."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits_images").mkdir()
+    assert load_config("digits_images").data.name == "images"
