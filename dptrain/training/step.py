@@ -34,7 +34,7 @@ from dptrain.parallel.sampler import shard
 from .batches import BatchLoader
 from .guards import GradientGuard
 
-PHASES = ("forward", "backward", "exchange", "optimizer")  # the order of TrainingStep.phase_seconds
+PHASES = ("data", "forward", "backward", "exchange", "optimizer")  # the order of TrainingStep.phase_seconds
 
 
 def without(spans, holes) -> list[tuple[int, int]]:
@@ -53,10 +53,12 @@ def without(spans, holes) -> list[tuple[int, int]]:
 
 
 class StepTimes(NamedTuple):
-    """perf_counter marks of one step: taking the batch, forward + loss [t0, t1], backward [t1, t2], gradient exchange
-    [t2, t3] of which [tw, t3] blocked in wait(), optimizer (checks and update) [t3, t4]."""
+    """perf_counter marks of one step: data [t0, td] (until the local batch is in hand), forward +
+    loss [td, t1], backward [t1, t2], gradient exchange [t2, t3] of which [tw, t3] blocked in wait(),
+    optimizer (checks and update) [t3, t4]."""
 
     t0: float
+    td: float
     t1: float
     t2: float
     tw: float
@@ -124,6 +126,7 @@ class TrainingStep:
         overlap = self.sharded is None and self.exchange.overlap  # buckets start during backward
         t0 = clock()
         x, y = self.batches.get(step, local)
+        td = clock()
         if self.accumulate == 1:
             loss_sum = self._forward(step, local, x, y)
             pending = self._post_control(loss_sum)
@@ -131,7 +134,6 @@ class TrainingStep:
             self.model.backward(self._dz, input_grad=False, after_layer=self.exchange.layer_done if overlap else None)
             t2 = clock()
         else:
-            td = clock()
             loss_sum, forward_s = self._accumulate(step, local, x, y)
             pending = self._post_control(loss_sum)
             t2 = clock()
@@ -153,11 +155,12 @@ class TrainingStep:
             (self.optimizer if self.sharded is None else self.sharded).step(grad_scale)
         t4 = clock()
         phase = self.phase_seconds  # in place: no temporary array
-        phase[0] += t1 - t0
-        phase[1] += t2 - t1
-        phase[2] += t3 - t2
-        phase[3] += t4 - t3
-        self.last_times = StepTimes(t0, t1, t2, tw, t3, t4)
+        phase[0] += td - t0
+        phase[1] += t1 - td
+        phase[2] += t2 - t1
+        phase[3] += t3 - t2
+        phase[4] += t4 - t3
+        self.last_times = StepTimes(t0, td, t1, t2, tw, t3, t4)
         return StepResult(global_loss, stop, problem)
 
     def _forward(self, step: int, indices: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
