@@ -1,5 +1,6 @@
-"""A callback of your own: after each epoch, rank 0 prints where the step time went (forward, backward,
-gradient exchange, optimizer) and how long evaluation took, from the trainer's public attributes.
+"""A callback of your own: after each epoch, rank 0 prints where the step time went (taking the batch,
+forward, backward, gradient exchange, optimizer) and how long evaluation took, from the trainer's public
+attributes.
 
     python examples/custom_callback.py
     mpirun -n 2 python examples/custom_callback.py

@@ -6,7 +6,7 @@ matplotlib is an optional extra (``pip install "dptrain[plot]"``); nothing else 
 it. The figure is drawn on the Agg canvas directly (no pyplot, no display, no global state).
 
 Each line of ``metrics.jsonl`` is a JSON object; ``kind`` is ``"step"`` (one training step:
-train_loss, lr, samples_per_s, forward_ms, backward_ms, exchange_ms, optimizer_ms) or ``"epoch"``
+train_loss, lr, samples_per_s, data_ms, forward_ms, backward_ms, exchange_ms, optimizer_ms) or ``"epoch"``
 (val_loss, val_accuracy or val_rmse/val_r2, ...); both carry ``step`` and ``epoch``. Any key may
 be missing from a row: a curve takes the rows that have it.
 """
@@ -25,7 +25,7 @@ from dptrain.storage.atomic import check_output_path, write_atomically
 
 METRICS_FILE = "metrics.jsonl"
 MISSING_MATPLOTLIB = 'plot needs matplotlib: pip install "dptrain[plot]"'
-PHASES = (("forward_ms", "forward"), ("backward_ms", "backward"), ("exchange_ms", "exchange"),
+PHASES = (("data_ms", "data"), ("forward_ms", "forward"), ("backward_ms", "backward"), ("exchange_ms", "exchange"),
           ("optimizer_ms", "optimizer"))
 
 
@@ -133,9 +133,10 @@ def plot_runs(runs: list[str | Path], output: str | Path, title: str | None = No
 
     Four panels, runs overlaid in one colour each (labelled with the run folder's name): training
     and validation loss, validation accuracy (or RMSE for regression), throughput (samples/s),
-    all against the optimizer step, and the median time of a step split into forward, backward,
-    gradient exchange and optimizer. The image kind follows the suffix (.png, .pdf, .svg, ...);
-    the file is written atomically (an existing one is replaced).
+    all against the optimizer step, and the median time of a step split into data (taking the
+    batch), forward, backward, gradient exchange and optimizer (a metrics file without ``data_ms``,
+    from an older dptrain, draws no data part). The image kind follows the suffix (.png, .pdf, .svg,
+    ...); the file is written atomically (an existing one is replaced).
     """
     Figure, FigureCanvasAgg, ticker = _matplotlib()
     if not runs:
@@ -263,12 +264,12 @@ def _timing_panel(ax, metrics: list[RunMetrics], colors: dict[str, str]) -> None
     ax.set_title("Time per step (median), by phase")
     medians = np.array([[m.median(key) for key, _ in PHASES] for m in metrics])
     if np.isnan(medians).all():
-        _no_data(ax, "step timings (forward_ms, backward_ms,\nexchange_ms, optimizer_ms)")
+        _no_data(ax, "step timings (data_ms, forward_ms, backward_ms,\nexchange_ms, optimizer_ms)")
         return
     medians = np.nan_to_num(medians)
     y = np.arange(len(metrics))[::-1]
     left = np.zeros(len(metrics))
-    phase_colors = ("#4c72b0", "#dd8452", "#c44e52", "#55a868")
+    phase_colors = ("#8172b3", "#4c72b0", "#dd8452", "#c44e52", "#55a868")
     for j, (_, name) in enumerate(PHASES):
         ax.barh(y, medians[:, j], left=left, height=0.6, color=phase_colors[j], label=name)
         left += medians[:, j]
@@ -281,4 +282,4 @@ def _timing_panel(ax, metrics: list[RunMetrics], colors: dict[str, str]) -> None
     n = len(metrics)
     ax.set_ylim(-0.5, n - 0.5 + max(0.7, 0.12 * n))  # headroom for the legend above the bars
     ax.set_xlabel("milliseconds per step")
-    ax.legend(loc="upper right", fontsize=9, ncol=4)
+    ax.legend(loc="upper right", fontsize=9, ncol=len(PHASES))

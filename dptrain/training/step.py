@@ -1,8 +1,9 @@
 """THE training step: one optimizer update on one global batch, on every rank::
 
     local = shard(batch, rank, world)                          # this rank's part of the global batch
-    z = model.forward(x[local])                                # (n_local, n_outputs)
-    loss_sum, dz = loss.value_and_grad(z, y[local])            # SUM over the local samples
+    x, y = batches.get(step, local)                            # its rows, augmented as in the step's epoch
+    z = model.forward(x)                                       # (n_local, n_outputs)
+    loss_sum, dz = loss.value_and_grad(z, y)                   # SUM over the local samples
     control = [loss_sum, stop_requested]; Iallreduce(control)  # small, overlapped with backward
     model.backward(dz)                                         # grad_buffer = d(local sum)/dparams
     comm.allreduce_sum(grad_buffer)                            # one Allreduce over one flat buffer
@@ -30,9 +31,10 @@ from dptrain.optim.zero import ShardedUpdate
 from dptrain.parallel.exchange import GradientExchange
 from dptrain.parallel.sampler import shard
 
+from .batches import BatchLoader
 from .guards import GradientGuard
 
-PHASES = ("forward", "backward", "exchange", "optimizer")  # the order of TrainingStep.phase_seconds
+PHASES = ("data", "forward", "backward", "exchange", "optimizer")  # the order of TrainingStep.phase_seconds
 
 
 def without(spans, holes) -> list[tuple[int, int]]:
@@ -51,10 +53,12 @@ def without(spans, holes) -> list[tuple[int, int]]:
 
 
 class StepTimes(NamedTuple):
-    """perf_counter marks of one step: forward + loss [t0, t1], backward [t1, t2], gradient exchange
-    [t2, t3] of which [tw, t3] blocked in wait(), optimizer (checks and update) [t3, t4]."""
+    """perf_counter marks of one step: data [t0, td] (until the local batch is in hand), forward +
+    loss [td, t1], backward [t1, t2], gradient exchange [t2, t3] of which [tw, t3] blocked in wait(),
+    optimizer (checks and update) [t3, t4]."""
 
     t0: float
+    td: float
     t1: float
     t2: float
     tw: float
@@ -71,13 +75,16 @@ class StepResult(NamedTuple):
 
 
 class TrainingStep:
-    """One optimizer step on a global batch of ``data``, callable as ``step(k, batch_indices)``.
+    """One optimizer step on a global batch of the training data, callable as ``step(k, batch_indices)``.
 
     Parameters
     ----------
-    model, loss, optimizer, data, comm : as for :class:`~dptrain.training.trainer.Trainer`.
-    accumulate : micro-batches per optimizer step: each rank's share of a global batch is processed in
-        ``accumulate`` parts whose gradients are summed, then exchanged once (less memory per pass).
+    model, loss, optimizer, comm : as for :class:`~dptrain.training.trainer.Trainer`.
+    batches : a :class:`~dptrain.training.batches.BatchLoader` of the training data: gives each step's
+        local (x, y).
+    accumulate : micro-batches per optimizer step: each rank's share of a global batch is taken once,
+        then processed in ``accumulate`` parts (those of ``np.array_split``) whose gradients are summed,
+        then exchanged once (less memory per pass).
     bucket_mb, compression : how gradients are exchanged (see :mod:`dptrain.parallel.exchange`).
     shard_optimizer : ZeRO stage 1, each rank holds 1/world of the optimizer state
         (:class:`dptrain.optim.ShardedUpdate`); checkpoints still hold the whole state.
@@ -88,7 +95,7 @@ class TrainingStep:
     stop_requested : tells whether this rank has received a stop signal (summed over the ranks each step).
     """
 
-    def __init__(self, model, loss, optimizer, data, comm, *, accumulate: int = 1, bucket_mb: float = 4.0,
+    def __init__(self, model, loss, optimizer, batches: BatchLoader, comm, *, accumulate: int = 1, bucket_mb: float = 4.0,
                  compression: str = "none", shard_optimizer: bool = False,
                  lr_schedule: Callable[[int], float] | None = None, clip_norm: float = 0.0,
                  stop_requested: Callable[[], bool] = lambda: False) -> None:
@@ -96,7 +103,7 @@ class TrainingStep:
             raise ValueError(f"accumulate must be >= 1, got {accumulate}")
         if accumulate > 1 and any(layer.syncs_batch_statistics for layer in model.layers):
             raise ValueError("accumulate > 1 cannot be used with BatchNorm: its statistics need the whole global batch")
-        self.model, self.loss, self.optimizer, self.data, self.comm = model, loss, optimizer, data, comm
+        self.model, self.loss, self.optimizer, self.batches, self.comm = model, loss, optimizer, batches, comm
         self.accumulate, self.lr_schedule, self.stop_requested = accumulate, lr_schedule, stop_requested
         model.bind_allreduce(comm.allreduce_sum)  # synchronized BatchNorm sums over the global batch
         if model.frozen:  # frozen parameters: no weight decay either (their gradient is 0, their state too)
@@ -118,17 +125,19 @@ class TrainingStep:
         local = shard(batch, self.comm.rank, self.comm.size)
         overlap = self.sharded is None and self.exchange.overlap  # buckets start during backward
         t0 = clock()
+        x, y = self.batches.get(step, local)
+        td = clock()
         if self.accumulate == 1:
-            loss_sum = self._forward(step, local)
+            loss_sum = self._forward(step, local, x, y)
             pending = self._post_control(loss_sum)
             t1 = clock()
             self.model.backward(self._dz, input_grad=False, after_layer=self.exchange.layer_done if overlap else None)
             t2 = clock()
         else:
-            loss_sum, forward_s = self._accumulate(step, local)
+            loss_sum, forward_s = self._accumulate(step, local, x, y)
             pending = self._post_control(loss_sum)
             t2 = clock()
-            t1 = t0 + forward_s
+            t1 = td + forward_s
         # grad_buffer holds the gradient SUMMED over the global batch; grad_scale makes it the mean
         grad_scale = 1.0 / len(batch)
         if self.sharded is None:
@@ -146,29 +155,33 @@ class TrainingStep:
             (self.optimizer if self.sharded is None else self.sharded).step(grad_scale)
         t4 = clock()
         phase = self.phase_seconds  # in place: no temporary array
-        phase[0] += t1 - t0
-        phase[1] += t2 - t1
-        phase[2] += t3 - t2
-        phase[3] += t4 - t3
-        self.last_times = StepTimes(t0, t1, t2, tw, t3, t4)
+        phase[0] += td - t0
+        phase[1] += t1 - td
+        phase[2] += t2 - t1
+        phase[3] += t3 - t2
+        phase[4] += t4 - t3
+        self.last_times = StepTimes(t0, td, t1, t2, tw, t3, t4)
         return StepResult(global_loss, stop, problem)
 
-    def _forward(self, step: int, indices: np.ndarray) -> float:
-        """Forward and loss on the samples ``indices``; leaves d(loss sum)/d(outputs) in ``_dz``."""
-        x, y = self.data.take(indices)
+    def _forward(self, step: int, indices: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
+        """Forward and loss on the samples ``indices``, whose rows are ``x`` (n, D) and ``y``; leaves
+        d(loss sum)/d(outputs) in ``_dz``."""
         self.model.begin_batch(BatchInfo(step, indices))
         z = self.model.forward(x, train=True)
         loss_sum, self._dz = self.loss.value_and_grad(z, y)
         return loss_sum
 
-    def _accumulate(self, step: int, local: np.ndarray) -> tuple[float, float]:
-        """Forward and backward on ``accumulate`` parts of ``local``, their gradients summed into
-        grad_buffer. Returns (the loss sum, the seconds spent in forward)."""
+    def _accumulate(self, step: int, local: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        """Forward and backward on ``accumulate`` parts of ``local`` (rows ``x``, ``y``), their
+        gradients summed into grad_buffer. Returns (the loss sum, the seconds spent in forward)."""
         clock = time.perf_counter
         loss_sum, forward_s, last = 0.0, 0.0, self.accumulate - 1
-        for k, part in enumerate(np.array_split(local, self.accumulate)):
+        size, larger = divmod(len(local), self.accumulate)  # the parts of np.array_split, as views
+        stop = 0
+        for k in range(self.accumulate):
+            start, stop = stop, stop + size + (k < larger)
             tf = clock()
-            loss_sum += self._forward(step, part)
+            loss_sum += self._forward(step, local[start:stop], x[start:stop], y[start:stop])
             forward_s += clock() - tf
             self.model.backward(self._dz, input_grad=False)  # overwrites grad_buffer with this part's
             if k == 0:

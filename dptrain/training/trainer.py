@@ -9,6 +9,7 @@ takes the same decisions. Only rank 0 logs and writes.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,10 +23,11 @@ from dptrain.errors import DivergenceError
 from dptrain.nn import Loss, Sequential
 from dptrain.parallel.agreement import check_agreement, check_sync
 from dptrain.parallel.comm import SingleProcessComm
-from dptrain.parallel.sampler import epoch_order, global_batch
+from dptrain.parallel.sampler import epoch_order, global_batch, shard
 from dptrain.runtime.signals import StopOnSignal
 from dptrain.storage.checkpoint import Checkpoint, save_checkpoint
 
+from .batches import BatchLoader
 from .callback import Callback
 from .checkpoint_policy import CheckpointPolicy
 from .early_stopping import EarlyStopping
@@ -94,13 +96,17 @@ class Trainer:
         self.on_nan, self.check_sync_every, self.early_stopping = on_nan, check_sync_every, early_stopping
         self.stop_on_signals = stop_on_signals
         self._signals = stop_on_signals if isinstance(stop_on_signals, StopOnSignal) else StopOnSignal()
-        self.step_fn = TrainingStep(model, loss, optimizer, train_data, self.comm, accumulate=accumulate,
+        self.steps_per_epoch = steps_per_epoch(len(train_data), batch_size)
+        self._orders: dict[int, np.ndarray] = {}  # epoch -> its order (batch_indices); two at most
+        self._orders_lock = threading.Lock()
+        #: each step's local (x, y)
+        self.batches = BatchLoader(train_data, self.steps_per_epoch)
+        self.step_fn = TrainingStep(model, loss, optimizer, self.batches, self.comm, accumulate=accumulate,
                                     bucket_mb=bucket_mb, compression=compression, shard_optimizer=shard_optimizer,
                                     lr_schedule=lr_schedule, clip_norm=clip_norm,
                                     stop_requested=lambda: self._signals.requested)
         self.callbacks = list(callbacks)
         self._log = log if self.comm.rank == 0 else None
-        self.steps_per_epoch = steps_per_epoch(len(train_data), batch_size)
         #: the optimizer steps of the whole run
         self.total_steps = steps if steps else epochs * self.steps_per_epoch
         self.by_steps = bool(steps)  # the run is measured in steps (train.steps), not epochs
@@ -147,7 +153,29 @@ class Trainer:
         """Early stopping ended the run (also after resuming a run that had stopped early)."""
         return self.early_stopping is not None and self.early_stopping.stopped
 
-    # -- one step, evaluation, agreement ------------------------------------------------------
+    # -- which samples, one step, evaluation, agreement -----------------------------------------
+
+    def batch_indices(self, step: int) -> np.ndarray:
+        """The global batch of optimizer step ``step`` (0-based; sample indices), a pure function of
+        (seed, step): batch ``step % steps_per_epoch`` of the order of epoch ``step // steps_per_epoch``.
+
+        The orders of the last two epochs asked for are kept (a reader ahead of the steps may be in
+        the next epoch while they finish this one); safe to call from another thread.
+        """
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = self._orders.get(epoch)
+        if order is None:
+            order = epoch_order(len(self.train_data), self.seed, epoch, self.shuffle)
+            order.flags.writeable = False  # shared by the threads
+            with self._orders_lock:
+                self._orders[epoch] = order
+                while len(self._orders) > 2:
+                    del self._orders[next(iter(self._orders))]  # the one cached first
+        return global_batch(order, k, self.batch_size)
+
+    def local_indices(self, step: int) -> np.ndarray:
+        """The part of step ``step``'s global batch that this rank takes."""
+        return shard(self.batch_indices(step), self.comm.rank, self.comm.size)
 
     def train_step(self, batch_indices: np.ndarray) -> tuple[float, int]:
         """One optimizer step on a global batch (:class:`TrainingStep`); does not advance ``step``.
@@ -208,31 +236,26 @@ class Trainer:
             self._clock.start()
             report_mark = self.totals.copy()
             while self.step < self.total_steps and not self.stopped and not self.stopped_early:
-                epoch = self.step // self.steps_per_epoch
-                order = epoch_order(len(self.train_data), self.seed, epoch, self.shuffle)
-                for k in range(self.step - epoch * self.steps_per_epoch, self.steps_per_epoch):
-                    batch = global_batch(order, k, self.batch_size)
-                    step_loss, stop = self.train_step(batch)
-                    self.step += 1
-                    self.epoch = self.step // self.steps_per_epoch
-                    self.epoch_loss_sum += step_loss
-                    self.totals.add(len(batch), step_loss, self._clock.lap())
-                    self._dispatch("on_step_end", self.step, step_loss)
-                    if stop:
-                        self.stopped, self.stop_requests = True, stop
-                    with self._clock.paused():  # sync checks, evaluation, the report's callbacks, checkpoints
-                        if self.check_sync_every and self.step % self.check_sync_every == 0:
+                batch = self.batch_indices(self.step)
+                step_loss, stop = self.train_step(batch)
+                self.step += 1
+                self.epoch = self.step // self.steps_per_epoch
+                self.epoch_loss_sum += step_loss
+                self.totals.add(len(batch), step_loss, self._clock.lap())
+                self._dispatch("on_step_end", self.step, step_loss)
+                if stop:
+                    self.stopped, self.stop_requests = True, stop
+                with self._clock.paused():  # sync checks, evaluation, the report's callbacks, checkpoints
+                    if self.check_sync_every and self.step % self.check_sync_every == 0:
+                        self.check_sync()
+                    if self.report_due(self.step):
+                        history.append(self._report(self.totals - report_mark))
+                        report_mark = self.totals.copy()
+                        if self.check_sync_every == 0:
                             self.check_sync()
-                        if self.report_due(self.step):
-                            history.append(self._report(self.totals - report_mark))
-                            report_mark = self.totals.copy()
-                            if self.check_sync_every == 0:
-                                self.check_sync()
-                        epoch_end = self.step % self.steps_per_epoch == 0
-                        if _due(policy.every_steps, self.step) or (epoch_end and _due(policy.every_epochs, self.epoch)):
-                            self.save_checkpoint()
-                    if self.stopped or self.stopped_early or self.step == self.total_steps:
-                        break
+                    epoch_end = self.step % self.steps_per_epoch == 0
+                    if _due(policy.every_steps, self.step) or (epoch_end and _due(policy.every_epochs, self.epoch)):
+                        self.save_checkpoint()
             if not self._saved_at_this_step():
                 self.save_checkpoint()
         if self.stopped and self._log is not None:

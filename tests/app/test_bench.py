@@ -21,7 +21,7 @@ from dptrain.parallel.comm import SingleProcessComm
 from helpers import REPO, dptrain, needs_mpiexec
 
 TINY = ["--steps", "3", "--warmup", "1", "--per-rank-batch", "16", "--set", "model.hidden=[32,32]"]
-PHASES = ("forward", "backward", "exchange", "optimizer")
+PHASES = ("data", "forward", "backward", "exchange", "optimizer")
 
 
 def invoke(*args: str):

@@ -312,7 +312,7 @@ def write_metrics(folder: Path, ranks: int, epochs: int = 6, steps_per_epoch: in
                 rows.append({"kind": "step", "step": step, "epoch": epoch,
                              "train_loss": 2.3 * np.exp(-step / 30) + 0.05 * rng.random(), "lr": 0.05,
                              "samples_per_s": 11_000.0 * ranks * (1 + 0.05 * rng.random()),
-                             "forward_ms": 8.5 / ranks, "backward_ms": 12.6 / ranks,
+                             "data_ms": 0.4, "forward_ms": 8.5 / ranks, "backward_ms": 12.6 / ranks,
                              "exchange_ms": 1.3 if ranks > 1 else 0.0, "optimizer_ms": 0.9})
         step = epoch * steps_per_epoch
         rows.append({"kind": "epoch", "step": step, "epoch": epoch, "train_loss": 2.3 * np.exp(-step / 30),
@@ -333,6 +333,24 @@ def test_plot_two_runs_writes_a_png(tmp_path):
     png = (tmp_path / "curves.png").read_bytes()
     assert png[:8] == PNG_SIGNATURE and len(png) > 20_000
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]
+
+
+def test_the_timing_panel_stacks_data_first_and_draws_an_older_file_without_it(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from dptrain.app.plot import _timing_panel, read_metrics
+
+    new, old = write_metrics(tmp_path / "new", 2), write_metrics(tmp_path / "old", 1)
+    rows = [json.loads(line) for line in (old / "metrics.jsonl").read_text().splitlines()]
+    (old / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in row.items() if k != "data_ms"}) + "\n"
+                                               for row in rows))  # as written before the data phase
+    ax = Figure().add_subplot()
+    _timing_panel(ax, [read_metrics(new), read_metrics(old)], {"new": "C0", "old": "C1"})
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["data", "forward", "backward", "exchange", "optimizer"]
+    data_bars = ax.containers[0]
+    assert [round(bar.get_width(), 6) for bar in data_bars] == [0.4, 0.0]  # new run; old run: no data part
+    assert [round(bar.get_x(), 6) for bar in ax.containers[1]] == [0.4, 0.0]  # forward starts after data
 
 
 def test_plot_errors(tmp_path):

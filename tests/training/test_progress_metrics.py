@@ -46,7 +46,7 @@ every_steps = 4
 """
 STEPS_PER_EPOCH = 9
 CLASSIFICATION_COLUMNS = ["kind", "step", "epoch", "train_loss", "val_loss", "val_accuracy", "lr", "samples_per_s",
-                          "forward_ms", "backward_ms", "exchange_ms", "optimizer_ms"]
+                          "data_ms", "forward_ms", "backward_ms", "exchange_ms", "optimizer_ms"]
 
 
 @pytest.fixture
@@ -154,11 +154,13 @@ def test_phase_columns_add_up_to_the_trainers_phase_seconds(tmp_path):
     trainer.fit()
     step_rows = [r for r in read_rows(tmp_path) if r["kind"] == "step"]
     assert [r["step"] for r in step_rows] == [7, 14]
-    for i, phase in enumerate(("forward", "backward", "exchange", "optimizer")):
+    for i, phase in enumerate(("data", "forward", "backward", "exchange", "optimizer")):
         total_ms = sum(r[f"{phase}_ms"] * 7 for r in step_rows)
         assert total_ms == pytest.approx(trainer.phase_seconds[i] * 1e3, rel=1e-9, abs=1e-9)
     epoch_rows = [r for r in read_rows(tmp_path) if r["kind"] == "epoch"]
-    assert sum(r["forward_ms"] * 7 for r in epoch_rows) == pytest.approx(trainer.phase_seconds[0] * 1e3, rel=1e-9)
+    assert sum(r["forward_ms"] * 7 for r in epoch_rows) == pytest.approx(trainer.phase_seconds[1] * 1e3, rel=1e-9)
+    assert sum(r["data_ms"] * 7 for r in epoch_rows) == pytest.approx(trainer.phase_seconds[0] * 1e3, rel=1e-9)
+    assert all(r["data_ms"] > 0 for r in step_rows + epoch_rows)  # taking the batch is timed
 
 
 def test_step_rows_and_epochs_exclude_checkpoint_time(tmp_path, monkeypatch):
@@ -199,7 +201,7 @@ def test_columns_follow_the_task(tmp_path):
     api_trainer(tmp_path / "reg", [recorder, MetricsLogger(every_steps=0)], regression=True).fit()
     header, rows = read_csv(tmp_path / "reg" / "metrics.csv")
     assert header == ["kind", "step", "epoch", "train_loss", "val_loss", "val_rmse", "val_r2", "lr", "samples_per_s",
-                      "forward_ms", "backward_ms", "exchange_ms", "optimizer_ms"]
+                      "data_ms", "forward_ms", "backward_ms", "exchange_ms", "optimizer_ms"]
     assert [r["kind"] for r in rows] == ["epoch", "epoch"]  # every_steps = 0: epoch rows only
     for row, metrics in zip(read_rows(tmp_path / "reg"), recorder.epochs):
         assert row["val_rmse"] == metrics["val_rmse"]

@@ -15,7 +15,7 @@ from dptrain.training.callbacks.timeline import Timeline, chrome_trace
 
 from helpers import dptrain, needs_mpiexec
 
-PHASES = ["forward", "backward", "exchange", "optimizer"]
+PHASES = ["data", "forward", "backward", "exchange", "optimizer"]
 # 1438 training digits, global batch 128: 12 steps per epoch
 QUICK = ["--set", "train.epochs=2", "--set", "model.hidden=[16]", "--set", "train.batch_size=128",
          "--set", "checkpoint.every_epochs=1"]
@@ -53,7 +53,7 @@ def check_rank(spans, n_steps):
         assert set(got) == {*PHASES, "exchange wait"}
         for name in PHASES:  # nested in the step span
             assert step_start <= got[name][0] <= got[name][1] <= step_end, (step, name)
-        for a, b in zip(PHASES, PHASES[1:]):  # forward < backward < exchange < optimizer
+        for a, b in zip(PHASES, PHASES[1:]):  # data < forward < backward < exchange < optimizer
             assert got[a][1] <= got[b][0], (step, a, b)
         wait, exchange = got["exchange wait"], got["exchange"]
         assert exchange[0] <= wait[0] <= wait[1] <= exchange[1]
@@ -118,11 +118,11 @@ def _trainer(callbacks, out_dir=None, epochs=2):
 
 def test_the_timeline_keeps_only_the_last_events(tmp_path):
     timeline = Timeline(tmp_path / "sub" / "trace.json", max_events=20)
-    trainer = _trainer([timeline], epochs=3)  # 21 steps x 6 spans + 3 evaluations
+    trainer = _trainer([timeline], epochs=3)  # 21 steps x 7 spans + 3 evaluations
     trainer.fit()
     trace = load_trace(tmp_path / "sub" / "trace.json")
     spans = spans_by_rank(trace)[0]
-    assert len(spans) == 20 and trace["otherData"]["dropped_events"] == [21 * 6 + 3 - 20]
+    assert len(spans) == 20 and trace["otherData"]["dropped_events"] == [21 * 7 + 3 - 20]
     assert spans[-1][0] == "evaluation" and max(s[3] for s in spans) == 21  # the newest are kept
 
 
@@ -145,15 +145,15 @@ def test_with_accumulation_the_phases_stay_nested(tmp_path):
 
 def test_chrome_trace_keeps_nested_spans_inside_after_rounding():
     t = 12345.678901234  # a perf_counter reading, seconds
-    marks = [t, t + 1.23456789e-4, t + 2.5e-4, t + 2.5e-4, t + 3.0000001e-4, t + 3.3e-4]
-    t0, t1, t2, tw, t3, t4 = marks
+    marks = [t, t + 0.3333333e-5, t + 1.23456789e-4, t + 2.5e-4, t + 2.5e-4, t + 3.0000001e-4, t + 3.3e-4]
+    t0, td, t1, t2, tw, t3, t4 = marks
     timeline = Timeline("unused.json")
-    timeline.record_step(1, t0, t1, t2, tw, t3, t4)
+    timeline.record_step(1, t0, td, t1, t2, tw, t3, t4)
     rows = np.array(timeline._spans, dtype=np.float64)
     rows[:, 2] -= t - 1.0
     spans = spans_by_rank(chrome_trace([rows]))[0]
     check_rank(spans, 1)
-    assert [s[0] for s in spans] == ["step 1", "forward", "backward", "exchange", "exchange wait", "optimizer"]
+    assert [s[0] for s in spans] == ["step 1", "data", "forward", "backward", "exchange", "exchange wait", "optimizer"]
 
 
 def test_timeline_option_refuses_a_folder(tmp_path):

@@ -8,7 +8,7 @@ One run (every rank of the current world, collectively)::
     layers use, on preallocated arrays, and one Allreduce of a flat buffer of the parameter count
     warmup steps of each; then ROUNDS rounds, each timing steps / ROUNDS calls of trainer.train_step(batch)
     and as many kernel steps (between barriers), so both see the same machine, side by side
-    -> global samples/s, the step split into forward, backward, exchange and optimizer (Trainer.phase_seconds),
+    -> global samples/s, the step split into data, forward, backward, exchange and optimizer (Trainer.phase_seconds),
        peak resident memory of each rank (after the trainer's warmup: its steady state),
        the trainer's overhead over the kernel; with --layers, each layer's forward and backward time
        beside its matrix products' time in the kernel

@@ -63,14 +63,14 @@ def format_table(report: dict[str, Any]) -> str:
                         f"[{r['threads_set_by']}]" for r in report["runs"])
     machine = (f"machine: {m['cpu']}, {m['cores']} cores; Python {m['python']}, NumPy {m['numpy']}, "
                f"BLAS {blas_text}; MPI {report['mpi']}; BLAS/OpenMP threads per rank: {threads}")
-    columns = ["ranks", "samples/s", "step ms", "fwd ms", "bwd ms", "exch ms", "opt ms", "kernel samples/s",
-               "overhead %", "peak RSS MB", "efficiency"]
+    columns = ["ranks", "samples/s", "step ms", "data ms", "fwd ms", "bwd ms", "exch ms", "opt ms",
+               "kernel samples/s", "overhead %", "peak RSS MB", "efficiency"]
     rows = []
     for r in report["runs"]:
         p, k = r["phases_ms"], r["kernel"]
         rows.append([str(r["ranks"]), _fmt(r["samples_per_s"], ",.0f"), _fmt(r["step_ms"], ".2f"),
-                     _fmt(p["forward"], ".2f"), _fmt(p["backward"], ".2f"), _fmt(p["exchange"], ".2f"),
-                     _fmt(p["optimizer"], ".2f"), _fmt(k["samples_per_s"] if k else None, ",.0f"),
+                     _fmt(p["data"], ".2f"), _fmt(p["forward"], ".2f"), _fmt(p["backward"], ".2f"),
+                     _fmt(p["exchange"], ".2f"), _fmt(p["optimizer"], ".2f"), _fmt(k["samples_per_s"] if k else None, ",.0f"),
                      _fmt(r["overhead_pct"], ".1f"), _fmt(r["peak_rss_mb"]["max"], ".0f"),
                      _fmt(r["efficiency"], ".2f")])
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]

@@ -11,7 +11,7 @@ Rows: a "step" row every ``every_steps`` optimizer steps (0: none) and an "epoch
 epoch's evaluation. Columns, in this order (empty in the CSV and null in the JSON when not reported)::
 
     kind, step, epoch, train_loss, <validation columns>, lr, samples_per_s,
-    forward_ms, backward_ms, exchange_ms, optimizer_ms
+    data_ms, forward_ms, backward_ms, exchange_ms, optimizer_ms
 
 * ``epoch``: the epoch the row belongs to, 1-based (a step row: the epoch in progress);
 * ``train_loss``: mean loss per sample over the samples of the row's steps (step row: the steps since
@@ -23,7 +23,8 @@ epoch's evaluation. Columns, in this order (empty in the CSV and null in the JSO
 * ``samples_per_s``: global samples per second of wall time over the row's steps (evaluation,
   checkpoints and parameter sync checks excluded: :attr:`Trainer.totals`); an epoch row repeats the
   epoch line's value;
-* ``*_ms``: the mean time per step of each phase of the step (:attr:`Trainer.phase_seconds`).
+* ``*_ms``: the mean time per step of each phase of the step (:attr:`Trainer.phase_seconds`);
+  ``data_ms`` is the time until the step's local batch is in hand (rows read, converted, augmented).
 
 On resume the files are continued: rows after the resumed step (written by the interrupted run after
 its last checkpoint) are dropped, the others kept, so each step and epoch appears once.

@@ -4,8 +4,9 @@
 ``tensorboard`` extra: no TensorFlow, no torch) into ``<out>/tensorboard``; ``tensorboard --logdir
 runs`` shows every run. The scalars, by global optimizer step:
 
-    train/loss, lr, samples_per_s, step_ms/forward, step_ms/backward, step_ms/exchange,
-    step_ms/optimizer      every ``every_steps`` steps, over the steps since the previous point
+    train/loss, lr, samples_per_s, step_ms/data, step_ms/forward, step_ms/backward,
+    step_ms/exchange, step_ms/optimizer
+                           every ``every_steps`` steps, over the steps since the previous point
     epoch/train_loss, val/loss, val/accuracy (or val/rmse, val/r2)
                            at each evaluation (each epoch, or every eval.every_steps steps)
 

@@ -6,7 +6,8 @@ Open the file in Perfetto (ui.perfetto.dev) or chrome://tracing. Each rank is a 
 tid = rank, named "rank N") of complete events ("ph": "X", ts and dur in microseconds)::
 
     step N                        one optimizer step, holding:
-      forward                       taking the batch, forward pass and loss
+      data                          until the local batch is in hand: rows read, converted, augmented
+      forward                       forward pass and loss
       backward                      backward pass (gradient buckets start their exchange meanwhile)
       exchange                      from the end of backward until the summed gradient and loss are in
         exchange wait                 the part blocked in wait() on requests started earlier
@@ -21,7 +22,7 @@ waiting; with one blocking Allreduce (or fp16) it is only the wait for the loss 
 
 Clock: ``time.perf_counter`` on each rank, relative to a common start taken just after a barrier at
 the start of fit(), so the tracks line up to within the barrier's skew. Each rank keeps only its last
-``max_events`` spans (default 20000, about 3,300 steps: six spans a step) in memory; at the end of
+``max_events`` spans (default 20000, about 2,850 steps: seven spans a step) in memory; at the end of
 fit() every rank sends its spans to rank 0 (a Gather of the counts, then a Gatherv of one float64
 array of rows (kind, step, start, duration); nothing pickled), which writes the one file.
 """
@@ -43,7 +44,7 @@ from dptrain.training.callback import Callback
 if TYPE_CHECKING:
     from dptrain.training.trainer import Trainer
 
-KINDS = ("step", "forward", "backward", "exchange", "exchange wait", "optimizer", "evaluation", "checkpoint")
+KINDS = ("step", "data", "forward", "backward", "exchange", "exchange wait", "optimizer", "evaluation", "checkpoint")
 _KIND = {name: i for i, name in enumerate(KINDS)}
 MAX_EVENTS = 20000  # spans kept per rank (the last ones)
 
@@ -68,17 +69,20 @@ class Timeline(Callback):
 
     # -- recording (hot path: appends to a bounded deque) --------------------------------------
 
-    def record_step(self, step: int, t0: float, t1: float, t2: float, tw: float, t3: float, t4: float) -> None:
-        """One step's spans from its perf_counter marks: forward [t0, t1], backward [t1, t2],
-        exchange [t2, t3] with its wait [tw, t3], optimizer [t3, t4], all inside step [t0, t4]."""
+    def record_step(self, step: int, t0: float, td: float, t1: float, t2: float, tw: float, t3: float,
+                    t4: float) -> None:
+        """One step's spans from its perf_counter marks (:class:`~dptrain.training.step.StepTimes`):
+        data [t0, td], forward [td, t1], backward [t1, t2], exchange [t2, t3] with its wait [tw, t3],
+        optimizer [t3, t4], all inside step [t0, t4]."""
         append = self._spans.append
         append((0, step, t0, t4 - t0))
-        append((1, step, t0, t1 - t0))
-        append((2, step, t1, t2 - t1))
-        append((3, step, t2, t3 - t2))
-        append((4, step, tw, t3 - tw))
-        append((5, step, t3, t4 - t3))
-        self._recorded += 6
+        append((1, step, t0, td - t0))
+        append((2, step, td, t1 - td))
+        append((3, step, t1, t2 - t1))
+        append((4, step, t2, t3 - t2))
+        append((5, step, tw, t3 - tw))
+        append((6, step, t3, t4 - t3))
+        self._recorded += 7
 
     def record(self, kind: str, step: int, start: float, end: float) -> None:
         """A span of ``kind`` ("evaluation", "checkpoint", or any of KINDS) from perf_counter marks."""
