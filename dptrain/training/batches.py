@@ -16,18 +16,20 @@ Why a thread and not a process: the work is NumPy gathering rows (from a memory-
 converting dtypes and element-wise augmentation, which release the GIL, so it runs beside the main
 thread's BLAS calls, and the arrays arrive without pickling or a copy through shared memory. Its limits:
 
-* Python-level work per sample in an ``augment`` or ``x_transform`` holds the GIL and slows the main
-  thread's own Python code (the layers' glue between BLAS calls) while it runs.
+* Its Python code (the glue around NumPy calls, NumPy calls on small arrays, a per-sample loop in an
+  ``augment``) holds the GIL, which the main thread's Python between BLAS calls then waits for: on a
+  step of a fraction of a millisecond the hand-overs double the step's time.
 * It needs a core. :mod:`dptrain.runtime.threads` gives each rank cores / ranks BLAS threads and does
   not count this one, so when every core is busy with BLAS the thread takes its time from them: it pays
   off when reading waits (a file, page faults of a memory-mapped array, a slow augmentation), not for
-  small data already in memory, where it costs a little (docs/performance.md has the numbers).
+  small data already in memory, where it costs time (docs/performance.md, "Prefetching the batches").
 * K batches more in memory.
 
-The thread makes no MPI call (only the main thread communicates) and no BLAS call (no matrix product:
-gathering, conversions and element-wise operations only), so it needs no MPI thread level beyond what
-a second thread needs and does not change the BLAS thread count. An error while preparing a batch is
-raised again, the same exception, in the main thread at the step that batch is for.
+The thread makes no MPI call (only the main thread communicates) and no BLAS call (gathering,
+conversions and element-wise operations only; an ``augment`` should not multiply matrices either), so
+it needs no MPI thread level beyond what a second thread needs, and the BLAS pool keeps the threads
+:mod:`dptrain.runtime.threads` gave it. An error while preparing a batch is raised again, the same
+exception, in the main thread at the step that batch is for.
 """
 
 from __future__ import annotations
