@@ -248,7 +248,8 @@ def build_trainer(config: Config, model: Sequential, loss: Loss, optimizer, trai
                    bucket_mb=config.comm.bucket_mb, compression=config.comm.compression,
                    shard_optimizer=config.optim.shard,
                    lr_schedule=build_schedule(config, steps_per_epoch(len(train_set), t.batch_size)),
-                   clip_norm=config.optim.clip_norm, early_stopping=early, **options)
+                   clip_norm=config.optim.clip_norm, prefetch=config.data.prefetch, early_stopping=early,
+                   **options)
 
 
 def _check_batch_statistics(config: Config, model: Sequential, n_train: int) -> None:

@@ -13,7 +13,8 @@
         grad_scale *= clip factor (global norm)
         optimizer.step(grad_scale)                             # the same update on every rank
 
-Variants, each giving the same update: ``accumulate`` micro-batches per rank summed before one
+Variants, each giving the same update: the local batch prepared ahead by a background thread
+(``data.prefetch``, :mod:`dptrain.training.batches`); ``accumulate`` micro-batches per rank summed before one
 exchange; the exchange in buckets that start during backward, or in fp16 (:mod:`dptrain.parallel.exchange`);
 ZeRO-1, where each rank updates one block of the parameters (:class:`dptrain.optim.ShardedUpdate`).
 """
@@ -53,9 +54,9 @@ def without(spans, holes) -> list[tuple[int, int]]:
 
 
 class StepTimes(NamedTuple):
-    """perf_counter marks of one step: data [t0, td] (until the local batch is in hand), forward +
-    loss [td, t1], backward [t1, t2], gradient exchange [t2, t3] of which [tw, t3] blocked in wait(),
-    optimizer (checks and update) [t3, t4]."""
+    """perf_counter marks of one step: data [t0, td] (until the local batch is in hand: read, or
+    waited for when prefetched), forward + loss [td, t1], backward [t1, t2], gradient exchange
+    [t2, t3] of which [tw, t3] blocked in wait(), optimizer (checks and update) [t3, t4]."""
 
     t0: float
     td: float
@@ -81,7 +82,7 @@ class TrainingStep:
     ----------
     model, loss, optimizer, comm : as for :class:`~dptrain.training.trainer.Trainer`.
     batches : a :class:`~dptrain.training.batches.BatchLoader` of the training data: gives each step's
-        local (x, y).
+        local (x, y), read on the step's path or prepared ahead.
     accumulate : micro-batches per optimizer step: each rank's share of a global batch is taken once,
         then processed in ``accumulate`` parts (those of ``np.array_split``) whose gradients are summed,
         then exchanged once (less memory per pass).

@@ -60,6 +60,9 @@ class Trainer:
     accumulate, bucket_mb, compression, shard_optimizer, lr_schedule, clip_norm : how each step runs
         (micro-batches, the gradient exchange, ZeRO-1, the lr of each step, clipping): see
         :class:`~dptrain.training.step.TrainingStep`.
+    prefetch : during fit(), a background thread prepares the local batches of this many steps ahead
+        (rows read, converted, augmented) while the current step computes; 0: each step reads its
+        batch itself. Never changes a result (see :mod:`dptrain.training.batches`).
     early_stopping : an :class:`EarlyStopping` checked after each epoch's evaluation; None: off.
     stop_on_signals : stop at the next step boundary on SIGTERM, SIGUSR1 or SIGINT (main thread only);
         pass a :class:`StopOnSignal` already entered to also catch signals that arrive before fit().
@@ -73,7 +76,7 @@ class Trainer:
                  checkpoint: CheckpointPolicy = CheckpointPolicy(), config: dict | None = None,
                  on_nan: str = "error", check_sync_every: int = 0, accumulate: int = 1,
                  bucket_mb: float = 4.0, compression: str = "none", shard_optimizer: bool = False,
-                 lr_schedule: Callable[[int], float] | None = None, clip_norm: float = 0.0,
+                 lr_schedule: Callable[[int], float] | None = None, clip_norm: float = 0.0, prefetch: int = 0,
                  early_stopping: EarlyStopping | None = None, stop_on_signals: bool | StopOnSignal = True,
                  callbacks: Sequence[Callback] = (), log: Callable[[str], None] | None = print) -> None:
         if batch_size < 1:
@@ -86,6 +89,8 @@ class Trainer:
             raise ValueError(f"on_nan must be 'error' or 'skip', got {on_nan!r}")
         if check_sync_every < 0:
             raise ValueError(f"check_sync_every must be >= 0, got {check_sync_every}")
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.train_data, self.val_data = train_data, val_data if val_data is not None and len(val_data) else None
         self.batch_size, self.epochs, self.seed, self.shuffle = batch_size, epochs, seed, shuffle
@@ -99,8 +104,8 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch(len(train_data), batch_size)
         self._orders: dict[int, np.ndarray] = {}  # epoch -> its order (batch_indices); two at most
         self._orders_lock = threading.Lock()
-        #: each step's local (x, y)
-        self.batches = BatchLoader(train_data, self.steps_per_epoch)
+        #: each step's local (x, y); with prefetch > 0, prepared ahead by a thread during fit()
+        self.batches = BatchLoader(train_data, self.steps_per_epoch, prefetch, plan=self.local_indices)
         self.step_fn = TrainingStep(model, loss, optimizer, self.batches, self.comm, accumulate=accumulate,
                                     bucket_mb=bucket_mb, compression=compression, shard_optimizer=shard_optimizer,
                                     lr_schedule=lr_schedule, clip_norm=clip_norm,
@@ -159,8 +164,8 @@ class Trainer:
         """The global batch of optimizer step ``step`` (0-based; sample indices), a pure function of
         (seed, step): batch ``step % steps_per_epoch`` of the order of epoch ``step // steps_per_epoch``.
 
-        The orders of the last two epochs asked for are kept (a reader ahead of the steps may be in
-        the next epoch while they finish this one); safe to call from another thread.
+        The orders of the last two epochs asked for are kept (the loader's thread may be in the next
+        epoch while the steps finish this one); safe to call from that thread.
         """
         epoch, k = divmod(step, self.steps_per_epoch)
         order = self._orders.get(epoch)
@@ -174,7 +179,7 @@ class Trainer:
         return global_batch(order, k, self.batch_size)
 
     def local_indices(self, step: int) -> np.ndarray:
-        """The part of step ``step``'s global batch that this rank takes."""
+        """The part of step ``step``'s global batch that this rank takes (the loader's plan)."""
         return shard(self.batch_indices(step), self.comm.rank, self.comm.size)
 
     def train_step(self, batch_indices: np.ndarray) -> tuple[float, int]:
@@ -235,27 +240,28 @@ class Trainer:
         with signals, np.errstate(all="ignore"):
             self._clock.start()
             report_mark = self.totals.copy()
-            while self.step < self.total_steps and not self.stopped and not self.stopped_early:
-                batch = self.batch_indices(self.step)
-                step_loss, stop = self.train_step(batch)
-                self.step += 1
-                self.epoch = self.step // self.steps_per_epoch
-                self.epoch_loss_sum += step_loss
-                self.totals.add(len(batch), step_loss, self._clock.lap())
-                self._dispatch("on_step_end", self.step, step_loss)
-                if stop:
-                    self.stopped, self.stop_requests = True, stop
-                with self._clock.paused():  # sync checks, evaluation, the report's callbacks, checkpoints
-                    if self.check_sync_every and self.step % self.check_sync_every == 0:
-                        self.check_sync()
-                    if self.report_due(self.step):
-                        history.append(self._report(self.totals - report_mark))
-                        report_mark = self.totals.copy()
-                        if self.check_sync_every == 0:
+            with self.batches.running(self.step, self.total_steps):  # prefetch's thread ends with the loop, however it ends
+                while self.step < self.total_steps and not self.stopped and not self.stopped_early:
+                    batch = self.batch_indices(self.step)
+                    step_loss, stop = self.train_step(batch)
+                    self.step += 1
+                    self.epoch = self.step // self.steps_per_epoch
+                    self.epoch_loss_sum += step_loss
+                    self.totals.add(len(batch), step_loss, self._clock.lap())
+                    self._dispatch("on_step_end", self.step, step_loss)
+                    if stop:
+                        self.stopped, self.stop_requests = True, stop
+                    with self._clock.paused():  # sync checks, evaluation, the report's callbacks, checkpoints
+                        if self.check_sync_every and self.step % self.check_sync_every == 0:
                             self.check_sync()
-                    epoch_end = self.step % self.steps_per_epoch == 0
-                    if _due(policy.every_steps, self.step) or (epoch_end and _due(policy.every_epochs, self.epoch)):
-                        self.save_checkpoint()
+                        if self.report_due(self.step):
+                            history.append(self._report(self.totals - report_mark))
+                            report_mark = self.totals.copy()
+                            if self.check_sync_every == 0:
+                                self.check_sync()
+                        epoch_end = self.step % self.steps_per_epoch == 0
+                        if _due(policy.every_steps, self.step) or (epoch_end and _due(policy.every_epochs, self.epoch)):
+                            self.save_checkpoint()
             if not self._saved_at_this_step():
                 self.save_checkpoint()
         if self.stopped and self._log is not None:

@@ -117,6 +117,25 @@ def test_a_config_workload_uses_its_global_batch():
     assert report["workload"]["batch"] == {"per_rank": 8} and report["runs"][0]["global_batch"] == 8
 
 
+def test_the_bench_takes_the_runs_steps_in_order_and_honours_prefetch(monkeypatch):
+    """data.prefetch: the loader's thread prepares the timed steps (each asked once, in order) and ends."""
+    import threading
+
+    from dptrain.training.batches import BatchLoader
+
+    asked = []
+    read = BatchLoader.read
+    monkeypatch.setattr(BatchLoader, "read", lambda self, step, local: (asked.append(step), read(self, step, local))[1])
+    result = invoke(*TINY, "--set", "data.prefetch=2", "--json")
+    assert result.exit_code == 0, result.output
+    run = json.loads(result.stdout)["runs"][0]
+    check_run(run, ranks=1, global_batch=16)
+    assert asked == list(range(1 + 3))  # warmup and timed steps, in order: none read twice or beyond
+    assert not [t for t in threading.enumerate() if t.name == "dptrain-batches"]
+    lines = invoke(*TINY, "--set", "data.prefetch=2").stdout.splitlines()
+    assert "data ms" in lines[2]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--set", "model.hidden=[0]"], "model.hidden[0]"),
     (["--set", "nonsense.key=1"], "unknown key nonsense"),

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from dptrain.errors import UserError
-from dptrain.parallel.sampler import epoch_order, global_batch, shard
+from dptrain.parallel.sampler import shard
 from dptrain.runtime.sysinfo import blas_info, openmp_threads, thread_pools
 from dptrain.runtime.threads import describe_threads
 from dptrain.training.step import PHASES
@@ -67,22 +67,24 @@ def run_bench(comm, request: BenchRequest) -> dict[str, Any]:
 
     trainer.check_agreement()
     trainer.broadcast_parameters()
-    order = epoch_order(len(train_set), config.seed, 0, config.data.shuffle)
-    batches = [global_batch(order, k, trainer.batch_size) for k in range(trainer.steps_per_epoch)]
+    first = trainer.batch_indices(0)
     position = {"k": 0, "samples": 0}
 
-    def train_step() -> None:
-        batch = batches[position["k"] % len(batches)]
+    def train_step() -> None:  # the run's steps in order, as fit() takes them (data.prefetch prepares them)
+        k = position["k"]
+        batch = trainer.batch_indices(k)
+        trainer.step = k
         position["k"] += 1
         position["samples"] += len(batch)
         trainer.train_step(batch)
 
-    with np.errstate(all="ignore"):  # a non-finite loss or gradient is the trainer's to report
+    # a non-finite loss or gradient is the trainer's to report; the loader's thread ends however the run does
+    with np.errstate(all="ignore"), trainer.batches.running(0, warmup + steps):
         for _ in range(warmup):
             train_step()
         comm.barrier()
         rss = comm.allgather(np.array([peak_rss_mb()], dtype=np.float64))[:, 0]  # before the kernel's arrays
-        local_batch = len(shard(batches[0], comm.rank, comm.size))
+        local_batch = len(shard(first, comm.rank, comm.size))
         bare = BareKernel(model, local_batch, comm, seed=config.seed)
         for _ in range(warmup):
             bare.step()
@@ -103,7 +105,7 @@ def run_bench(comm, request: BenchRequest) -> dict[str, Any]:
         layers = _layer_table(comm, model, bare, steps) if request.layers else None
         model.layer_seconds = None
         kernel_step = kernel_elapsed / steps
-        kernel = {"samples_per_s": len(batches[0]) / kernel_step, "step_ms": kernel_step * 1e3,
+        kernel = {"samples_per_s": len(first) / kernel_step, "step_ms": kernel_step * 1e3,
                   "local_batch": local_batch}
 
     step_s = elapsed / steps
@@ -113,8 +115,8 @@ def run_bench(comm, request: BenchRequest) -> dict[str, Any]:
     run = {
         "ranks": comm.size,
         "ranks_per_node": comm.local_size,
-        "global_batch": len(batches[0]),
-        "per_rank_batch": len(batches[0]) / comm.size,
+        "global_batch": len(first),
+        "per_rank_batch": len(first) / comm.size,
         "steps": steps,
         "warmup": warmup,
         "elapsed_s": elapsed,

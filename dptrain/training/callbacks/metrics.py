@@ -24,7 +24,8 @@ epoch's evaluation. Columns, in this order (empty in the CSV and null in the JSO
   checkpoints and parameter sync checks excluded: :attr:`Trainer.totals`); an epoch row repeats the
   epoch line's value;
 * ``*_ms``: the mean time per step of each phase of the step (:attr:`Trainer.phase_seconds`);
-  ``data_ms`` is the time until the step's local batch is in hand (rows read, converted, augmented).
+  ``data_ms`` is the time until the step's local batch is in hand (read, or with ``data.prefetch``
+  waited for).
 
 On resume the files are continued: rows after the resumed step (written by the interrupted run after
 its last checkpoint) are dropped, the others kept, so each step and epoch appears once.

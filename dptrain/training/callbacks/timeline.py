@@ -6,7 +6,8 @@ Open the file in Perfetto (ui.perfetto.dev) or chrome://tracing. Each rank is a 
 tid = rank, named "rank N") of complete events ("ph": "X", ts and dur in microseconds)::
 
     step N                        one optimizer step, holding:
-      data                          until the local batch is in hand: rows read, converted, augmented
+      data                          until the local batch is in hand: read and augmented, or (with
+                                    data.prefetch) the wait for the thread that prepares it
       forward                       forward pass and loss
       backward                      backward pass (gradient buckets start their exchange meanwhile)
       exchange                      from the end of backward until the summed gradient and loss are in
