@@ -10,12 +10,14 @@ from typing import Any
 import numpy as np
 
 from dptrain.errors import UserError
+from dptrain.parallel.agreement import agreed
 from dptrain.parallel.sampler import shard
 from dptrain.runtime.sysinfo import blas_info, openmp_threads, thread_pools
 from dptrain.runtime.threads import describe_threads
 from dptrain.training.step import PHASES
 
 from ..build import build_parts, build_trainer
+from ..image_cache import prepare_images
 from .kernel import BareKernel
 from .report import describe_model, make_report
 from .request import REFERENCE_PER_RANK_BATCH, BenchRequest
@@ -52,18 +54,17 @@ def run_bench(comm, request: BenchRequest) -> dict[str, Any]:
     steps, warmup = request.steps, request.warmup
     if steps < 1 or warmup < 0:
         raise UserError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
-    error = None
-    try:
-        config = request.config(comm.size)
-        parts = build_parts(config, comm.size)
-        train_set, model = parts.train_set, parts.model
-        trainer = build_trainer(config, model, parts.loss, parts.optimizer, train_set, None, comm,
-                                stop_on_signals=False, log=None)
-    except UserError as exc:
-        if request.debug:
-            raise
-        error = exc
-    comm.raise_if_any_failed(error)
+    config = agreed(comm, request.debug, lambda: request.config(comm.size))
+    # images: every rank lists them; rank 0 decodes them into the cache if needed while the others wait
+    images = prepare_images(config, comm, request.debug) if config.data.name == "images" else None
+
+    def set_up():
+        parts = build_parts(config, comm.size, images)
+        return parts, build_trainer(config, parts.model, parts.loss, parts.optimizer,
+                                                           parts.train_set, None, comm, stop_on_signals=False, log=None)
+
+    parts, trainer = agreed(comm, request.debug, set_up)
+    train_set, model = parts.train_set, parts.model
 
     trainer.check_agreement()
     trainer.broadcast_parameters()
