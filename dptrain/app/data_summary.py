@@ -27,13 +27,18 @@ def data_summary(config_path, overrides, info=lambda line: None) -> str:
     lines = [f"data {d.name}: {dataset.source}"]
     if d.val_path:
         lines.append(f"validation: {d.val_path}")
+    elif dataset.split is not None:
+        lines.append("validation: the data's own split (a text's last data.val_fraction of characters; "
+                     "MNIST-1D's test set)")
     else:
         lines.append(f"validation: {d.val_fraction:g} of the samples, drawn from seed {config.seed}")
     shape = dataset.sample_shape or tuple(d.shape) or (dataset.n_features,)
     lines.append(f"samples: {' x '.join(map(str, shape))} values each"
                  + (" (channels x height x width)" if len(shape) == 3 else "")
                  + f", {len(train_set):,} training / {len(val_set):,} validation")
-    if dataset.task == "classification":
+    if dataset.vocab is not None:  # text: a class per character, predicted at every position
+        lines.append(f"vocabulary: {len(dataset.vocab)} characters")
+    elif dataset.task == "classification":
         lines += _class_table(dataset, train_set, val_set)
     if images is not None:
         path = images[0].cache

@@ -61,3 +61,22 @@ def test_the_same_weights_at_one_to_four_ranks(tmp_path, images):
         result = dptrain("train", "--out", str(run), "--quiet", *_args(images, "data.prefetch=2"), ranks=ranks)
         assert result.returncode == 0, result.stderr
         assert_arrays_close(_weights(run), expected, rtol=1e-9)
+
+
+def test_the_api_of_the_docs_trains_on_an_image_folder(tmp_path, images):
+    """docs/api.md, "Images, augmentation, prefetch": the builders the CLI uses, from Python."""
+    from dptrain import load_config, make_comm
+    from dptrain.app.build import build_parts, build_trainer
+    from dptrain.app.image_cache import prepare_images
+
+    comm = make_comm("single")
+    config = load_config(None, [f"data.path={images}", *SETTINGS, "data.prefetch=2"])
+    parts = build_parts(config, comm.size, prepare_images(config, comm))
+    assert parts.train_set.augment.describe() == "crop (padding 2), horizontal flip"
+    trainer = build_trainer(config, parts.model, parts.loss, parts.optimizer, parts.train_set, parts.val_set, comm,
+                            out_dir=tmp_path / "api", log=None)
+    trainer.fit()
+    cli = tmp_path / "cli"
+    assert invoke("train", "--out", cli, "--quiet", *_args(images, "data.prefetch=2")).exit_code == 0
+    expected = _weights(cli)
+    assert all(np.array_equal(trainer.model.named_params()[k], expected[k]) for k in expected)

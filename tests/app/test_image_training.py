@@ -150,3 +150,14 @@ def test_one_rank_writes_the_cache_while_the_others_wait(tmp_path):
     assert result.stdout.count("decoding 100 images") == 1
     assert len(_cache_files(root)) == 1 and not [p for p in os.listdir(root.parent / ".dptrain-cache")
                                                  if ".tmp" in p]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config", "diabetes_mlp"], "samples: 10 values each, 354 training / 88 validation"),
+    (["--config", "digits_cnn"], "samples: 1 x 8 x 8 values each (channels x height x width)"),
+    (["--set", "data.name=text", "--set", "data.block_size=8", "--set", "data.path={text}"], "vocabulary: 4 characters"),
+])
+def test_data_summary_of_other_data(tmp_path, args, expected):
+    (tmp_path / "t.txt").write_text("abcd" * 300)
+    result = invoke("data", "summary", *(a.format(text=tmp_path / "t.txt") for a in args))
+    assert result.exit_code == 0 and expected in result.output, result.output
