@@ -157,8 +157,9 @@ def _build(comm, files: ImageFiles, path: Path, image_size: tuple[int, ...], inf
                     work(k * CHUNK_IMAGES, min((k + 1) * CHUNK_IMAGES, len(files)))
                 except UserError as exc:
                     failure, status[0] = exc, _BAD_INPUT
-                except OSError as exc:
-                    failure, status[0] = exc, _ENVIRONMENT
+                except OSError as exc:  # named by the cache file when the error names none (a full disk)
+                    failure = exc if exc.filename else type(exc)(exc.errno, exc.strerror, str(path))
+                    status[0] = _ENVIRONMENT
             comm.broadcast(status, root=0)
             if status[0] != _OK:
                 _fail(comm, int(status[0]), failure, debug)
@@ -175,7 +176,7 @@ def _build(comm, files: ImageFiles, path: Path, image_size: tuple[int, ...], inf
             write_atomically(path, write)
         except OSError as exc:  # before the first chunk or at the rename: still in step with the others
             failure = exc
-        for stale in _stale(path):
+        for stale in _stale(path) if failure is None else ():
             stale.unlink(missing_ok=True)
     else:
         chunks(lambda a, b: None)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import dptrain, invoke, load_arrays, needs_mpiexec, without_dac_override, write_digit_images
+from helpers import MPI_MARKS, dptrain, invoke, load_arrays, needs_mpiexec, without_dac_override, write_digit_images
 
 CNN = ['model.layers=[{type = "conv2d", filters = 4, kernel = 3, padding = 1}, {type = "relu"}, '
        '{type = "maxpool2d", pool = 2}]']
@@ -161,3 +161,39 @@ def test_data_summary_of_other_data(tmp_path, args, expected):
     (tmp_path / "t.txt").write_text("abcd" * 300)
     result = invoke("data", "summary", *(a.format(text=tmp_path / "t.txt") for a in args))
     assert result.exit_code == 0 and expected in result.output, result.output
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs: the cache of 100 RGB 32x32 images (300 KiB) does not fit."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("mounting a tmpfs is not allowed here")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [None, pytest.param(2, marks=MPI_MARKS)])
+def test_a_full_disk_while_writing_the_cache_is_one_line_exit_74(tmp_path, small_disk, ranks):
+    root = write_digit_images(tmp_path / "data" / "train", per_class=10, size=32, colour=True)
+    result = dptrain("train", "--out", str(tmp_path / "run"), *_args(root, f"data.cache={small_disk}"), ranks=ranks)
+    assert result.returncode == 74, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "No space left on device" in errors[0] and str(small_disk) in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert os.listdir(small_disk) == [] and not (tmp_path / "run").exists()
+
+
+@needs_mpiexec
+def test_a_bad_image_met_by_rank_0_ends_every_rank_with_one_line(tmp_path):
+    root = write_digit_images(tmp_path / "data" / "train", per_class=10)
+    (root / "8" / "zz.png").write_text("not a png")
+    result = dptrain("train", "--out", str(tmp_path / "run"), *_args(root), ranks=3)
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "8/zz.png is not an image" in errors[0], result.stderr
+    assert _cache_files(root) == [] and not (tmp_path / "run").exists()
+    assert os.listdir(root.parent / ".dptrain-cache") == []  # no temporary left behind
