@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -103,3 +104,18 @@ def write_digit_images(root: Path, per_class: int | None = 20, size: int = 16, c
     spec.loader.exec_module(module)
     module.write_digits(root, size, colour, per_class, first)
     return root
+
+
+@contextlib.contextmanager
+def small_tmpfs(mount_point: Path, size: str):
+    """A real file system of ``size`` (e.g. "64k") mounted at ``mount_point`` (created), for faults such
+    as a full disk or a read-only remount; the test is skipped where mounting is not allowed."""
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("mounting a tmpfs is not allowed here")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)

@@ -88,9 +88,7 @@ def with_normalization(config: Config, dataset: Dataset, train_rows: np.ndarray)
         return dataset
     else:
         mean, std = (), ()
-    dataset = dataset.subset(slice(None))  # a view: the caller's dataset keeps its own reading
-    dataset.x_transform = Normalize.from_stats(scale, mean, std, int(np.prod(shape[1:])))
-    return dataset
+    return dataset.with_transform(Normalize.from_stats(scale, mean, std, int(np.prod(shape[1:]))))
 
 
 def build_loss(config: Config, dataset: Dataset) -> Loss:

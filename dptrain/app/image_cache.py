@@ -30,7 +30,7 @@ from numpy.lib import format as npy_format
 
 from dptrain.config import Config
 from dptrain.data import Dataset
-from dptrain.data.images import ImageDecoder, ImageFiles, cache_key, list_images
+from dptrain.data.images import ImageDecoder, ImageFiles, cache_key, list_images, pixel_dataset
 from dptrain.errors import EXIT_ENVIRONMENT, ExitQuietly, UserError, environment_message
 from dptrain.parallel.agreement import agreed
 from dptrain.parallel.comm import SingleProcessComm
@@ -147,10 +147,12 @@ def _build(comm, files: ImageFiles, path: Path, image_size: tuple[int, ...], inf
     if comm.rank == 0:
         info(f"decoding {len(files):,} images of {files.source} into {path} (once: later runs memory-map it)")
     failure: BaseException | None = None
+    sent = 0  # status broadcasts made in the current pass over the chunks
 
     def chunks(work: Callable[[int, int], None]) -> None:
-        nonlocal failure
+        nonlocal failure, sent
         for k in range(n_chunks):
+            sent = k + 1
             status = np.zeros(1, dtype=np.int64)
             if comm.rank == 0 and failure is None:
                 try:
@@ -172,10 +174,14 @@ def _build(comm, files: ImageFiles, path: Path, image_size: tuple[int, ...], inf
             npy_format.write_array_header_1_0(fh, {"descr": "|u1", "fortran_order": False, "shape": shape})
             chunks(lambda a, b: fh.write(decoder.decode(a, b).tobytes()))
 
+        sent = 0
         try:
             write_atomically(path, write)
-        except OSError as exc:  # before the first chunk or at the rename: still in step with the others
+        except OSError as exc:  # opening the temporary, or the rename after the last chunk
             failure = exc
+            if sent < n_chunks:  # the others wait in the broadcast of the next chunk: it tells them
+                comm.broadcast(np.array([_ENVIRONMENT], dtype=np.int64), root=0)
+                _fail(comm, _ENVIRONMENT, failure, debug)
         for stale in _stale(path) if failure is None else ():
             stale.unlink(missing_ok=True)
     else:
@@ -190,9 +196,9 @@ def _build(comm, files: ImageFiles, path: Path, image_size: tuple[int, ...], inf
 
 def _fail(comm, status: int, failure: BaseException | None, debug: bool):
     """Every rank stops together, as :func:`agreed` does: a bad image ends all with status 2 (its
-    line printed once), the environment failing on rank 0 with status 74. Alone (or with
+    line printed once), the environment failing on rank 0 with status 74. Without MPI (or with
     ``debug``), rank 0 raises the error itself."""
-    if comm.rank == 0 and (comm.size == 1 or debug):
+    if comm.rank == 0 and (not comm.is_mpi or debug):
         raise failure
     if status == _BAD_INPUT:
         comm.raise_if_any_failed(failure if comm.rank == 0 else None)
@@ -206,11 +212,7 @@ def image_dataset(data: ImageData, images: np.ndarray) -> Dataset:
     by the run (see :func:`dptrain.app.build.train_val_split`); y the class ids; ``classes`` and
     ``sample_shape`` set; ``split`` the folders' own when ``data.val_path`` is given."""
     files = data.files
-    x = images.reshape(len(images), -1)
-    dataset = Dataset(x, files.labels, max(len(files.classes), 2), files.source)
-    dataset._x_casts = (np.dtype(np.float64),)  # uint8 -> float64 is exact: later casts go straight to the dtype
-    dataset._finite = True
-    dataset.classes, dataset.sample_shape = files.classes, tuple(images.shape[1:])
+    dataset = pixel_dataset(images, files.labels, files.classes, files.source)
     if data.has_val_folder:
         dataset.split = (np.arange(data.n_train), np.arange(data.n_train, len(files)))
     return dataset

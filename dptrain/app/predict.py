@@ -25,7 +25,7 @@ import numpy as np
 from dptrain import data as data_mod
 from dptrain.config import Config, config_from_dict
 from dptrain.data import Dataset, check_features, list_names
-from dptrain.data.images import ImageFormat, decode_to_format, list_image_paths, list_images
+from dptrain.data.images import ImageFormat, decode_to_format, list_image_paths, list_images, pixel_dataset
 from dptrain.data.normalize import Normalize
 from dptrain.errors import UserError
 from dptrain.nn import LOSSES, Sequential
@@ -301,11 +301,8 @@ def _image_format(ckpt: Checkpoint) -> ImageFormat:
 def _image_rows(ckpt: Checkpoint, files) -> Dataset:
     """The images of ``files`` as a dataset read like the training images (float64, normalised)."""
     images = decode_to_format(files, _image_format(ckpt))
-    dataset = Dataset(images.reshape(len(images), -1), files.labels, max(len(ckpt.meta.get("classes", [])), 2),
-                      files.source)
-    dataset._x_casts, dataset._finite = (np.dtype(np.float64),), True
-    dataset.x_transform = Normalize.from_meta(ckpt.meta["normalize"])
-    return dataset
+    dataset = pixel_dataset(images, files.labels, tuple(ckpt.meta.get("classes") or ()), files.source)
+    return dataset.with_transform(Normalize.from_meta(ckpt.meta["normalize"]))
 
 
 def labelled_images(ckpt: Checkpoint, path: str) -> Dataset:

@@ -153,6 +153,12 @@ class Dataset:
             rows = _row_numbers(indices, len(self))
         return self._view(np.atleast_1d(rows), self._x_casts, self._y_casts)
 
+    def with_transform(self, x_transform: Callable[[np.ndarray], np.ndarray] | None) -> Dataset:
+        """The same rows, their features read through ``x_transform`` (see the attribute), without copying."""
+        view = self._view(self.rows, self._x_casts, self._y_casts)
+        view.x_transform = x_transform
+        return view
+
     def astype(self, dtype) -> Dataset:
         """The same data in ``dtype``; refuses values that do not fit it (e.g. 1e300 in float32).
 

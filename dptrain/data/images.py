@@ -30,6 +30,8 @@ import numpy as np
 
 from dptrain.errors import UserError
 
+from .dataset import Dataset, _checked_dataset
+
 CACHE_FORMAT = 1  # bump when the decoded bytes of the same files and settings change
 PILLOW_HINT = 'data.name = "images" needs Pillow: pip install "dptrain[images]"'
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
@@ -329,3 +331,12 @@ def decode_to_format(files: ImageFiles, fmt: ImageFormat) -> np.ndarray:
     for i in range(len(files)):
         out[i] = decoder.decode_one(i, fmt)
     return out
+
+
+def pixel_dataset(images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...], source: str) -> Dataset:
+    """The dataset of decoded images (N, C, H, W) uint8 (perhaps memory-mapped): x (N, C * H * W) read
+    as float64 (exact; later casts go straight to the run's dtype), y the class ids, ``classes`` and
+    ``sample_shape`` set. Pixels are scaled by the run (an ``x_transform``), not here."""
+    dataset = _checked_dataset(images.reshape(len(images), -1), labels, max(len(classes), 2), source, np.int64)
+    dataset.classes, dataset.sample_shape = tuple(classes), tuple(images.shape[1:])
+    return dataset

@@ -12,7 +12,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import MPI_MARKS, dptrain, invoke, load_arrays, needs_mpiexec, without_dac_override, write_digit_images
+from helpers import (
+    MPI_MARKS,
+    dptrain,
+    invoke,
+    load_arrays,
+    needs_mpiexec,
+    small_tmpfs,
+    without_dac_override,
+    write_digit_images,
+)
 
 CNN = ['model.layers=[{type = "conv2d", filters = 4, kernel = 3, padding = 1}, {type = "relu"}, '
        '{type = "maxpool2d", pool = 2}]']
@@ -163,16 +172,12 @@ def test_data_summary_of_other_data(tmp_path, args, expected):
     assert result.exit_code == 0 and expected in result.output, result.output
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 64 KiB tmpfs: the cache of 100 RGB 32x32 images (300 KiB) does not fit."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip("mounting a tmpfs is not allowed here")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+@pytest.fixture(params=["64k", "1m,nr_inodes=1"], ids=["no-space", "no-inode"])
+def small_disk(tmp_path, request):
+    """A tmpfs where the cache of 100 RGB 32x32 images (300 KiB) does not fit (64 KiB), or where its
+    temporary file cannot even be created (no inode left: the failure comes before the first chunk)."""
+    with small_tmpfs(tmp_path / "small", request.param) as mount_point:
+        yield mount_point
 
 
 @pytest.mark.slow

@@ -4,27 +4,19 @@ allowed)."""
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 from click.testing import CliRunner
 
 from dptrain.cli import main
 from dptrain.storage.checkpoint import load_checkpoint, step_dirs
 
+from helpers import small_tmpfs
+
 
 @pytest.fixture
 def tiny_disk(tmp_path):
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(mount_point)],
-                             capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip("mounting a tmpfs is not allowed here")
-    try:
+    with small_tmpfs(tmp_path / "tiny", "320k") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
 
 
 def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_earlier_checkpoints(tiny_disk):

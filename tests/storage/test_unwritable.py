@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from dptrain.cli import main
 from dptrain.storage.checkpoint import load_checkpoint, step_dirs
 
-from helpers import without_dac_override
+from helpers import small_tmpfs, without_dac_override
 
 SMALL = ["--set", "train.epochs=2", "--set", "model.hidden=[16]", "--quiet"]
 
@@ -25,19 +25,12 @@ SMALL = ["--set", "train.epochs=2", "--set", "model.hidden=[16]", "--quiet"]
 @pytest.fixture
 def read_only_run(tmp_path):
     """(mount point, a run folder with checkpoints in it), the file system then remounted read-only."""
-    mount_point = tmp_path / "ro"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip("mounting a tmpfs is not allowed here")
-    try:
+    with small_tmpfs(tmp_path / "ro", "8m") as mount_point:
         run = mount_point / "run"
         result = CliRunner().invoke(main, ["train", "--out", str(run), *SMALL])
         assert result.exit_code == 0, result.output
         subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True, capture_output=True)
         yield mount_point, run
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
 
 
 def _one_error_line(result) -> str:
